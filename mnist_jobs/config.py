@@ -1,0 +1,229 @@
+"""Configuration: frozen, keyword-only dataclasses with validation. No torch here.
+
+Every option value from the command line arrives as text and goes through `parse_option`, so `train`
+(one value per option) and `sweep` (comma lists) share one parser and one set of error messages.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+MODELS = ("logreg", "cnn")
+OPTIMIZERS = ("sgd", "adam")
+TRAIN_SIZE = 60_000
+TEST_SIZE = 10_000
+_DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
+class ConfigError(ValueError):
+    """A bad option value. The message names the option and the value."""
+
+
+def option_name(field_name: str) -> str:
+    return "--" + field_name.replace("_", "-")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """Everything that determines one training run (and so its result)."""
+
+    model: str = "logreg"
+    optimizer: str = "sgd"
+    lr: float = 0.001
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    batch_size: int = 100
+    epochs: int | None = None
+    iters: int | None = None  # resolved: always set after construction
+    seed: int = 0
+    eval_every: int = 500
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        _check_choice("model", self.model, MODELS)
+        _check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        _check_number("lr", self.lr, float, minimum=0.0, strict=True)
+        _check_number("momentum", self.momentum, float, minimum=0.0)
+        _check_number("weight_decay", self.weight_decay, float, minimum=0.0)
+        _check_number("batch_size", self.batch_size, int, minimum=1)
+        _check_number("seed", self.seed, int, minimum=0)
+        _check_number("eval_every", self.eval_every, int, minimum=1)
+        if not isinstance(self.device, str) or not _DEVICE_RE.match(self.device):
+            raise ConfigError(
+                f"--device must be auto, cpu, cuda, cuda:N or mps (got {self.device!r})"
+            )
+        if self.epochs is not None and self.iters is not None:
+            if self.iters != self.epochs * self.iters_per_epoch:
+                raise ConfigError("give --epochs or --iters, not both")
+        if self.epochs is not None:
+            _check_number("epochs", self.epochs, int, minimum=1)
+            object.__setattr__(self, "iters", self.epochs * self.iters_per_epoch)
+        elif self.iters is None:
+            object.__setattr__(self, "iters", 3000)  # the tutorial's n_iters (5 epochs of batch 100)
+        _check_number("iters", self.iters, int, minimum=1)
+
+    @property
+    def iters_per_epoch(self) -> int:
+        return math.ceil(TRAIN_SIZE / self.batch_size)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+    def config_id(self) -> str:
+        """A short stable hash of the resolved config: the same config is the same run."""
+        d = self.to_dict()
+        d.pop("epochs")  # resolved into iters
+        blob = json.dumps(d, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:10]
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{option_name(name)} must be one of {', '.join(choices)} (got {value!r})")
+
+
+def _check_number(
+    name: str, value: Any, kind: type, *, minimum: float, strict: bool = False
+) -> None:
+    ok_type = isinstance(value, kind) or (kind is float and isinstance(value, int))
+    if isinstance(value, bool) or not ok_type:
+        raise ConfigError(f"{option_name(name)} must be a number (got {value!r})")
+    if kind is float and not math.isfinite(value):
+        raise ConfigError(f"{option_name(name)} must be finite (got {value!r})")
+    if (strict and value <= minimum) or value < minimum:
+        relation = ">" if strict else ">="
+        raise ConfigError(f"{option_name(name)} must be {relation} {minimum:g} (got {value!r})")
+
+
+# ---- parsing option text ------------------------------------------------------------------------
+
+_FIELD_TYPES: dict[str, type] = {
+    "model": str,
+    "optimizer": str,
+    "lr": float,
+    "momentum": float,
+    "weight_decay": float,
+    "batch_size": int,
+    "epochs": int,
+    "iters": int,
+    "seed": int,
+    "eval_every": int,
+    "device": str,
+}
+TRAIN_FIELDS = tuple(_FIELD_TYPES)
+
+
+def parse_scalar(name: str, text: Any) -> Any:
+    """Convert one value (text from the CLI or a TOML scalar) to the field's type."""
+    kind = _FIELD_TYPES[name]
+    if kind is str:
+        value = str(text).strip()
+        return value.lower() if name != "device" else value
+    if isinstance(text, bool):
+        raise ConfigError(f"{option_name(name)} must be a number (got {text!r})")
+    if isinstance(text, (int, float)):
+        if kind is int and (isinstance(text, float) and not text.is_integer()):
+            raise ConfigError(f"{option_name(name)} must be an integer (got {text!r})")
+        return kind(text)
+    s = str(text).strip()
+    try:
+        if kind is int:
+            f = float(s)
+            if not f.is_integer():
+                raise ValueError
+            return int(f)
+        return float(s)
+    except (ValueError, OverflowError):
+        what = "an integer" if kind is int else "a number"
+        raise ConfigError(f"{option_name(name)} must be {what} (got {s!r})") from None
+
+
+def parse_option(name: str, text: Any) -> list[Any]:
+    """Parse a comma list (or a TOML list) into typed, de-duplicated values, keeping order."""
+    if isinstance(text, (list, tuple)):
+        items = list(text)
+    else:
+        items = str(text).split(",")
+    if not items or any(isinstance(i, str) and not i.strip() for i in items):
+        raise ConfigError(f"{option_name(name)} has an empty value (got {text!r})")
+    values: list[Any] = []
+    for item in items:
+        v = parse_scalar(name, item)
+        if v not in values:
+            values.append(v)
+    return values
+
+
+def train_config_from_options(options: dict[str, Any]) -> TrainConfig:
+    """Build one TrainConfig from option text (None = default); a list is an error here."""
+    kwargs: dict[str, Any] = {}
+    for name, text in options.items():
+        if text is None:
+            continue
+        values = parse_option(name, text)
+        if len(values) > 1:
+            raise ConfigError(
+                f"{option_name(name)} takes one value in `train` (got {text!r}); "
+                "use `mnist-jobs sweep` for a grid"
+            )
+        kwargs[name] = values[0]
+    return TrainConfig(**kwargs)
+
+
+# ---- SLURM / launch parameters -----------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class SlurmConfig:
+    """sbatch resources for one job (or each task of an array)."""
+
+    partition: str | None = None
+    nodes: int = 1
+    tasks_per_node: int = 1
+    gpus_per_node: int = 0
+    cpus_per_task: int = 1
+    mem_gb: float | None = None
+    time_min: int = 60
+    account: str | None = None
+    qos: str | None = None
+    constraint: str | None = None
+    exclusive: bool = False
+    slurm_opts: tuple[tuple[str, str], ...] = field(default_factory=tuple)
+    setup: tuple[str, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        _check_number("nodes", self.nodes, int, minimum=1)
+        _check_number("tasks_per_node", self.tasks_per_node, int, minimum=1)
+        _check_number("gpus_per_node", self.gpus_per_node, int, minimum=0)
+        _check_number("cpus_per_task", self.cpus_per_task, int, minimum=1)
+        _check_number("time_min", self.time_min, int, minimum=1)
+        if self.mem_gb is not None:
+            _check_number("mem_gb", self.mem_gb, float, minimum=0.0, strict=True)
+        for key, _ in self.slurm_opts:
+            if not re.match(r"^[a-z][a-z0-9_-]*$", key):
+                raise ConfigError(f"--slurm-opt key must look like 'mail-type' (got {key!r})")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["slurm_opts"] = dict(self.slurm_opts)
+        d["setup"] = list(self.setup)
+        return d
+
+
+def parse_slurm_opt(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    key = key.strip().lstrip("-").replace("-", "_")
+    if not sep or not key:
+        raise ConfigError(f"--slurm-opt must be KEY=VALUE (got {text!r})")
+    return key.replace("_", "-"), value.strip()

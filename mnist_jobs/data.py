@@ -1,0 +1,183 @@
+"""MNIST from the real IDX files, verified, decoded once into tensors kept on the training device.
+
+The repo ships the four .gz files in `data/MNIST/raw/`. They are checked against SHA-256 sums, then
+gunzipped (once, atomically) next to them — or into a user cache folder when that one is read-only —
+because `torchvision.datasets.MNIST` reads the uncompressed files. Training never goes through
+PIL/ToTensor: the whole split becomes one float tensor (pixels / 255, exactly what ToTensor gives), and
+batches are index gathers from a per-epoch permutation.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+# SHA-256 of the shipped .gz files and of their uncompressed contents.
+GZ_SHA256 = {
+    "train-images-idx3-ubyte.gz": "b09d8b89df4ad239afc76a323dbe9559169cd8cca365467dfe8aa1f7ca54109b",
+    "train-labels-idx1-ubyte.gz": "c51906e7929bbf7c824fbd16019b56297269ca82cba449c5b5d59c0a02147fed",
+    "t10k-images-idx3-ubyte.gz": "f72c2dff3457595ec2fe452d25d97b7f974a74ad5b006687704212bedd1486d8",
+    "t10k-labels-idx1-ubyte.gz": "4baf84ddd60ae342cfdd282ec3fba3249a201a4459782165496a7cbebbe49a2e",
+}
+RAW_SIZES = {  # bytes of the uncompressed IDX files (header + payload)
+    "train-images-idx3-ubyte": 16 + 60000 * 28 * 28,
+    "train-labels-idx1-ubyte": 8 + 60000,
+    "t10k-images-idx3-ubyte": 16 + 10000 * 28 * 28,
+    "t10k-labels-idx1-ubyte": 8 + 10000,
+}
+
+
+class DataError(RuntimeError):
+    """MNIST files missing, corrupt or unreadable. The message names the file and what to do."""
+
+
+def default_data_dir() -> Path:
+    """$MNIST_JOBS_DATA_DIR, else the repo's `data/` (shipped copy), else ~/.cache/mnist_jobs/data."""
+    env = os.environ.get("MNIST_JOBS_DATA_DIR")
+    if env:
+        return Path(env)
+    repo_data = Path(__file__).resolve().parent.parent / "data"
+    if (repo_data / "MNIST" / "raw").is_dir():
+        return repo_data
+    return _cache_root() / "data"
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mnist_jobs"
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verify_gz(raw_dir: Path) -> None:
+    """Check every shipped .gz against its SHA-256; raise DataError naming the first bad file."""
+    for name, expected in GZ_SHA256.items():
+        path = raw_dir / name
+        try:
+            actual = sha256_file(path)
+        except OSError as e:
+            raise DataError(f"cannot read MNIST file {path}: {e.strerror}") from None
+        if actual != expected:
+            raise DataError(
+                f"MNIST file {path} is corrupt or truncated (SHA-256 {actual[:12]}…, expected "
+                f"{expected[:12]}…); restore it from git (`git checkout -- {name}`) or the original"
+            )
+
+
+def _extract(gz_path: Path, out_path: Path) -> None:
+    """gunzip to a temp file in the target folder, then rename: concurrent jobs never see half a file."""
+    fd, tmp = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as out, gzip.open(gz_path, "rb") as src:
+            shutil.copyfileobj(src, out, 1 << 20)
+        os.replace(tmp, out_path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _writable_dir(path: Path) -> bool:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return False
+    return os.access(path, os.W_OK)
+
+
+def prepare(data_dir: Path | str | None = None, *, download: bool = True) -> Path:
+    """Make `<root>/MNIST/raw/` hold verified uncompressed IDX files; return the torchvision root."""
+    data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
+    raw_dir = data_dir / "MNIST" / "raw"
+    gz_present = [n for n in GZ_SHA256 if (raw_dir / n).exists()]
+    if len(gz_present) == len(GZ_SHA256):
+        verify_gz(raw_dir)
+        root = data_dir if _writable_dir(raw_dir) else _cache_root() / "data"
+        out_dir = root / "MNIST" / "raw"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for gz_name in GZ_SHA256:
+            out = out_dir / gz_name[: -len(".gz")]
+            if not out.exists() or out.stat().st_size != RAW_SIZES[out.name]:
+                _extract(raw_dir / gz_name, out)
+        return root
+    if gz_present:
+        missing = sorted(set(GZ_SHA256) - set(gz_present))
+        raise DataError(f"MNIST files missing in {raw_dir}: {', '.join(missing)}")
+    if all((raw_dir / n).exists() for n in RAW_SIZES):  # an uncompressed copy (e.g. torchvision's)
+        _check_raw_sizes(raw_dir)
+        return data_dir
+    if download:
+        try:
+            from torchvision.datasets import MNIST
+
+            MNIST(str(data_dir), train=True, download=True)
+            MNIST(str(data_dir), train=False, download=True)
+            _check_raw_sizes(raw_dir)
+            return data_dir
+        except Exception as e:  # noqa: BLE001 - any network/IO failure means the same thing here
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise DataError(
+                f"MNIST not found in {raw_dir} and the download failed ({reason}); copy the four "
+                "MNIST .gz files there, or pass --data-dir pointing at a folder with MNIST/raw/"
+            ) from None
+    raise DataError(f"MNIST not found in {raw_dir}; pass --data-dir pointing at a copy")
+
+
+def _check_raw_sizes(raw_dir: Path) -> None:
+    for name, size in RAW_SIZES.items():
+        path = raw_dir / name
+        if not path.exists() or path.stat().st_size != size:
+            raise DataError(f"MNIST file {path} is missing or has the wrong size (expected {size})")
+
+
+@dataclass(frozen=True)
+class MnistTensors:
+    """Both splits as float tensors in [0, 1] (N, 1, 28, 28) and int64 labels, on one device."""
+
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+
+    def to(self, device: torch.device) -> MnistTensors:
+        return MnistTensors(*(t.to(device) for t in (self.train_x, self.train_y, self.test_x, self.test_y)))
+
+
+def load(data_dir: Path | str | None = None, *, device: torch.device | str = "cpu") -> MnistTensors:
+    """Verify, decode with torchvision's MNIST reader, scale like ToTensor, move to `device`."""
+    from torchvision.datasets import MNIST
+
+    root = prepare(data_dir)
+    try:
+        train = MNIST(str(root), train=True, download=False)
+        test = MNIST(str(root), train=False, download=False)
+    except Exception as e:  # noqa: BLE001
+        raise DataError(f"cannot decode MNIST in {root}/MNIST/raw: {e}") from None
+    device = torch.device(device)
+
+    def images(u8: torch.Tensor) -> torch.Tensor:
+        # Same values as transforms.ToTensor(): uint8 -> float32 / 255, shape (N, 1, 28, 28).
+        return u8.to(device).unsqueeze(1).float().div_(255.0)
+
+    return MnistTensors(
+        images(train.data), train.targets.to(device), images(test.data), test.targets.to(device)
+    )
+
+
+def epoch_batches(
+    n: int, batch_size: int, generator: torch.Generator, device: torch.device
+) -> list[torch.Tensor]:
+    """One epoch of shuffled index batches (last one partial, as DataLoader(shuffle=True))."""
+    perm = torch.randperm(n, generator=generator).to(device)
+    return list(perm.split(batch_size))

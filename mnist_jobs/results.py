@@ -1,0 +1,195 @@
+"""Result files: the JSON schema, one atomic-write helper, and the loading side. No torch here."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+SCHEMA_VERSION = 1
+RESULT_KIND = "mnist-jobs/result"
+REQUIRED_KEYS = ("schema_version", "kind", "run_id", "status", "config", "metrics")
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def atomic_write_bytes(path: Path | str, data: bytes) -> None:
+    """Write via a temp file in the same folder, fsync, rename: readers see the old file or the new
+    one, never a partial one, even if this process is killed mid-write."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    try:  # make the rename itself durable
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        pass
+
+
+def atomic_write_json(path: Path | str, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+def check_writable_dir(path: Path | str) -> Path:
+    """Create the folder if needed and prove we can write there; raise OSError with a clear text."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path, prefix=".write-test.")
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        raise OSError(f"results dir {path} is not writable ({e.strerror or e})") from None
+    return path
+
+
+def git_info(start: Path | None = None) -> dict[str, Any]:
+    """Commit and dirty flag of the checkout this package runs from (None outside a checkout)."""
+    here = start or Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5
+        )
+        if sha.returncode != 0:
+            return {"git_sha": None, "git_dirty": None}
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=here, capture_output=True, text=True, timeout=5,
+        )
+        return {"git_sha": sha.stdout.strip(), "git_dirty": bool(dirty.stdout.strip())}
+    except (OSError, subprocess.SubprocessError):
+        return {"git_sha": None, "git_dirty": None}
+
+
+def _version(module: str) -> str | None:
+    try:
+        from importlib.metadata import version
+
+        return version(module)
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def environment() -> dict[str, Any]:
+    """Versions and machine facts a reader needs to trust and reproduce a result."""
+    return {
+        "python": platform.python_version(),
+        "torch": _version("torch"),
+        "torchvision": _version("torchvision"),
+        "submitit": _version("submitit"),
+        "mnist_jobs": _version("mnist-jobs"),
+        "hostname": socket.gethostname(),
+        "platform": platform.platform(),
+        "argv": sys.argv,
+        **git_info(),
+    }
+
+
+def slurm_environment() -> dict[str, Any] | None:
+    """SLURM job facts from the environment, when running under SLURM."""
+    env = os.environ
+    if "SLURM_JOB_ID" not in env:
+        return None
+    keys = {
+        "job_id": "SLURM_JOB_ID",
+        "array_job_id": "SLURM_ARRAY_JOB_ID",
+        "array_task_id": "SLURM_ARRAY_TASK_ID",
+        "partition": "SLURM_JOB_PARTITION",
+        "nodelist": "SLURM_JOB_NODELIST",
+        "num_nodes": "SLURM_JOB_NUM_NODES",
+        "ntasks": "SLURM_NTASKS",
+        "restart_count": "SLURM_RESTART_COUNT",
+    }
+    return {k: env.get(v) for k, v in keys.items()}
+
+
+# ---- loading -----------------------------------------------------------------------------------
+
+
+class ResultError(ValueError):
+    """A file that is not a readable result of a schema this version understands."""
+
+
+@dataclass(frozen=True)
+class LoadedResult:
+    path: Path
+    data: dict[str, Any]
+
+    @property
+    def run_id(self) -> str:
+        return self.data["run_id"]
+
+    @property
+    def status(self) -> str:
+        return self.data["status"]
+
+
+def parse_result(text: str | bytes, path: Path | str = "<memory>") -> dict[str, Any]:
+    try:
+        data = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ResultError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict) or data.get("kind") != RESULT_KIND:
+        raise ResultError(f"{path}: not an mnist-jobs result")
+    version = data.get("schema_version")
+    if not isinstance(version, int) or version > SCHEMA_VERSION:
+        raise ResultError(f"{path}: schema_version {version!r} is newer than this mnist-jobs reads")
+    missing = [k for k in REQUIRED_KEYS if k not in data]
+    if missing:
+        raise ResultError(f"{path}: missing keys {', '.join(missing)}")
+    return data
+
+
+def load_result(path: Path | str) -> LoadedResult:
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise ResultError(f"{path}: cannot read ({e.strerror})") from None
+    return LoadedResult(path, parse_result(raw, path))
+
+
+def iter_result_paths(root: Path | str) -> list[Path]:
+    """Every *.json under root (or root itself), sorted; temp files and manifests excluded."""
+    root = Path(root)
+    if root.is_file():
+        return [root]
+    return sorted(
+        p
+        for p in root.rglob("*.json")
+        if not p.name.startswith(".") and p.name != "sweep.json"
+    )
+
+
+def load_results(root: Path | str) -> tuple[list[LoadedResult], list[tuple[Path, str]]]:
+    """All results under root, and (path, reason) for every JSON file that was skipped."""
+    good: list[LoadedResult] = []
+    bad: list[tuple[Path, str]] = []
+    for path in iter_result_paths(root):
+        try:
+            good.append(load_result(path))
+        except ResultError as e:
+            bad.append((path, str(e)))
+    return good, bad
