@@ -76,7 +76,9 @@ Epochs = Annotated[Optional[str], _opt("Epochs over the 60k training images (ins
 Iters = Annotated[Optional[str], _opt("Optimizer steps (3000 = 5 epochs of batch 100).", "INT", _D.iters)]
 Seed = Annotated[Optional[str], _opt("Seed for init, shuffling and dropout.", "INT", _D.seed)]
 EvalEvery = Annotated[Optional[str], _opt("Record test accuracy every N iterations.", "INT", _D.eval_every)]
-Device = Annotated[Optional[str], _opt("auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps.", "DEVICE", "auto")]
+Device = Annotated[
+    Optional[str], _opt("auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps.", "DEVICE", "auto")
+]
 DataDir = Annotated[
     Optional[Path],
     typer.Option(help="Folder holding MNIST/raw/ (default: the repo's data/).", rich_help_panel="Training"),

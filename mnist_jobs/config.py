@@ -55,9 +55,7 @@ class TrainConfig:
         _check_number("seed", self.seed, int, minimum=0)
         _check_number("eval_every", self.eval_every, int, minimum=1)
         if not isinstance(self.device, str) or not _DEVICE_RE.match(self.device):
-            raise ConfigError(
-                f"--device must be auto, cpu, cuda, cuda:N or mps (got {self.device!r})"
-            )
+            raise ConfigError(f"--device must be auto, cpu, cuda, cuda:N or mps (got {self.device!r})")
         if self.epochs is not None and self.iters is not None:
             if self.iters != self.epochs * self.iters_per_epoch:
                 raise ConfigError("give --epochs or --iters, not both")
@@ -93,9 +91,7 @@ def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
         raise ConfigError(f"{option_name(name)} must be one of {', '.join(choices)} (got {value!r})")
 
 
-def _check_number(
-    name: str, value: Any, kind: type, *, minimum: float, strict: bool = False
-) -> None:
+def _check_number(name: str, value: Any, kind: type, *, minimum: float, strict: bool = False) -> None:
     ok_type = isinstance(value, kind) or (kind is float and isinstance(value, int))
     if isinstance(value, bool) or not ok_type:
         raise ConfigError(f"{option_name(name)} must be a number (got {value!r})")

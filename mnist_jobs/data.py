@@ -125,7 +125,7 @@ def prepare(data_dir: Path | str | None = None, *, download: bool = True) -> Pat
             MNIST(str(data_dir), train=False, download=True)
             _check_raw_sizes(raw_dir)
             return data_dir
-        except Exception as e:  # noqa: BLE001 - any network/IO failure means the same thing here
+        except Exception as e:
             reason = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise DataError(
                 f"MNIST not found in {raw_dir} and the download failed ({reason}); copy the four "
@@ -162,7 +162,7 @@ def load(data_dir: Path | str | None = None, *, device: torch.device | str = "cp
     try:
         train = MNIST(str(root), train=True, download=False)
         test = MNIST(str(root), train=False, download=False)
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         raise DataError(f"cannot decode MNIST in {root}/MNIST/raw: {e}") from None
     device = torch.device(device)
 

@@ -76,7 +76,10 @@ def git_info(start: Path | None = None) -> dict[str, Any]:
             return {"git_sha": None, "git_dirty": None}
         dirty = subprocess.run(
             ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=here, capture_output=True, text=True, timeout=5,
+            cwd=here,
+            capture_output=True,
+            text=True,
+            timeout=5,
         )
         return {"git_sha": sha.stdout.strip(), "git_dirty": bool(dirty.stdout.strip())}
     except (OSError, subprocess.SubprocessError):
@@ -88,7 +91,7 @@ def _version(module: str) -> str | None:
         from importlib.metadata import version
 
         return version(module)
-    except Exception:  # noqa: BLE001
+    except Exception:
         return None
 
 
@@ -176,11 +179,7 @@ def iter_result_paths(root: Path | str) -> list[Path]:
     root = Path(root)
     if root.is_file():
         return [root]
-    return sorted(
-        p
-        for p in root.rglob("*.json")
-        if not p.name.startswith(".") and p.name != "sweep.json"
-    )
+    return sorted(p for p in root.rglob("*.json") if not p.name.startswith(".") and p.name != "sweep.json")
 
 
 def load_results(root: Path | str) -> tuple[list[LoadedResult], list[tuple[Path, str]]]:

@@ -80,19 +80,9 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[
     return 100.0 * correct.item() / n, loss_sum.item() / n
 
 
-def train(
-    config: TrainConfig,
-    *,
-    results_dir: Path | str = "results",
-    run_id: str | None = None,
-    data_dir: Path | str | None = None,
-    progress: ProgressFn | None = None,
-    extra: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Train one model as `config` says, write its JSON result, return it."""
-    run_id = run_id or default_run_id(config)
-    path = result_path(results_dir, run_id)
-    record: dict[str, Any] = {
+def new_record(config: TrainConfig, run_id: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The skeleton of a result file; `train` (and the packed trainer) fill in metrics and timings."""
+    return {
         "schema_version": SCHEMA_VERSION,
         "kind": RESULT_KIND,
         "run_id": run_id,
@@ -108,6 +98,29 @@ def train(
         "finished_at": None,
         **(extra or {}),
     }
+
+
+def error_info(e: BaseException) -> dict[str, Any]:
+    return {
+        "type": type(e).__name__,
+        "message": str(e) or type(e).__name__,
+        "traceback": traceback.format_exc(limit=20),
+    }
+
+
+def train(
+    config: TrainConfig,
+    *,
+    results_dir: Path | str = "results",
+    run_id: str | None = None,
+    data_dir: Path | str | None = None,
+    progress: ProgressFn | None = None,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Train one model as `config` says, write its JSON result, return it."""
+    run_id = run_id or default_run_id(config)
+    path = result_path(results_dir, run_id)
+    record = new_record(config, run_id, extra)
     history: list[dict[str, Any]] = []
     t_start = time.perf_counter()
     try:
@@ -115,11 +128,7 @@ def train(
         record["status"] = "completed"
     except BaseException as e:
         record["status"] = "failed"
-        record["error"] = {
-            "type": type(e).__name__,
-            "message": str(e) or type(e).__name__,
-            "traceback": traceback.format_exc(limit=20),
-        }
+        record["error"] = error_info(e)
         record["metrics"].setdefault("history", history)
         raise
     finally:
