@@ -1,0 +1,552 @@
+"""Sweeps: grids, submitit executors (SLURM job arrays, the local machine), manifests, job states.
+
+A sweep is a folder `<results_dir>/<name>/` holding `sweep.json` (the manifest: grid, run ids → job
+ids, executor, SLURM parameters), one `<run_id>.json` result per run, and submitit's job folder
+`logs/`. Run ids derive from the config, so running the same sweep again finds its earlier results.
+No typer or rich here: the CLI renders what these functions return.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import itertools
+import json
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomllib
+
+from .config import TRAIN_FIELDS, ConfigError, SlurmConfig, TrainConfig, option_name, parse_option
+from .results import ResultError, atomic_write_json, git_info, load_result, utc_now
+
+SWEEP_KIND = "mnist-jobs/sweep"
+MANIFEST = "sweep.json"
+LOG_DIR = "logs"
+MAX_GRID = 10_000
+
+
+class LaunchError(RuntimeError):
+    """Submission failed (sbatch refused, cluster unreachable...). The message is sbatch's own."""
+
+
+# ---- the grid ----------------------------------------------------------------------------------
+
+
+def read_sweep_file(path: Path | str) -> dict[str, Any]:
+    """A TOML sweep file: lists for swept keys, scalars for the rest (training keys only, plus an
+    optional [slurm] table and `name`)."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except OSError as e:
+        raise ConfigError(f"--config {path}: cannot read ({e.strerror})") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"--config {path}: invalid TOML ({e})") from None
+    allowed = set(TRAIN_FIELDS) | {"name", "slurm"}
+    unknown = sorted(set(data) - allowed - {k.replace("-", "_") for k in allowed})
+    if unknown:
+        raise ConfigError(f"--config {path}: unknown key(s) {', '.join(unknown)}")
+    return {k.replace("-", "_"): v for k, v in data.items()}
+
+
+def grid_values(cli: dict[str, Any], file_values: dict[str, Any] | None = None) -> dict[str, list[Any]]:
+    """Per training option, its list of values: CLI text overrides file values."""
+    values: dict[str, list[Any]] = {}
+    for name in TRAIN_FIELDS:
+        raw = cli.get(name)
+        if raw is None and file_values:
+            raw = file_values.get(name)
+        if raw is None:
+            continue
+        if isinstance(raw, list) and not raw:
+            raise ConfigError(f"{option_name(name)} is an empty list")
+        values[name] = parse_option(name, raw)
+    return values
+
+
+def expand_grid(values: dict[str, list[Any]]) -> list[TrainConfig]:
+    """Cartesian product of the option lists, each point validated; duplicates (same run id) removed."""
+    names = list(values)
+    size = 1
+    for name in names:
+        size *= len(values[name])
+    configs: dict[str, TrainConfig] = {}
+    for combo in itertools.product(*(values[n] for n in names)):
+        cfg = TrainConfig(**dict(zip(names, combo)))
+        configs.setdefault(sweep_run_id(cfg), cfg)
+    return list(configs.values())
+
+
+def grid_size(values: dict[str, list[Any]]) -> int:
+    size = 1
+    for v in values.values():
+        size *= len(v)
+    return size
+
+
+def sweep_run_id(config: TrainConfig) -> str:
+    return f"{config.model}-{config.config_id()}"
+
+
+def default_sweep_name(run_ids: list[str]) -> str:
+    return "sweep-" + hashlib.sha256(",".join(sorted(run_ids)).encode()).hexdigest()[:8]
+
+
+# ---- the job a worker runs ---------------------------------------------------------------------
+
+
+@dataclass
+class TrainTask:
+    """The picklable callable submitit runs: one run, or a pack of runs trained together."""
+
+    configs: list[dict[str, Any]]
+    run_ids: list[str]
+    results_dir: str
+    data_dir: str | None = None
+    threads: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __call__(self) -> list[dict[str, Any]]:
+        import torch
+
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        configs = [TrainConfig.from_dict(c) for c in self.configs]
+        if len(configs) == 1:
+            from .train import train
+
+            records = [
+                train(
+                    configs[0],
+                    results_dir=self.results_dir,
+                    run_id=self.run_ids[0],
+                    data_dir=self.data_dir,
+                    extra=self.extra,
+                )
+            ]
+        else:
+            from .packed import train_packed
+
+            records = train_packed(
+                configs,
+                results_dir=self.results_dir,
+                run_ids=self.run_ids,
+                data_dir=self.data_dir,
+                extra=self.extra,
+            )
+        return [
+            {"run_id": r["run_id"], "status": r["status"], "test_accuracy": r["metrics"].get("test_accuracy")}
+            for r in records
+        ]
+
+
+# ---- executors ---------------------------------------------------------------------------------
+
+
+def slurm_executor(folder: Path, name: str, slurm: SlurmConfig, max_parallel: int | None):
+    import submitit
+
+    ex = submitit.SlurmExecutor(folder=folder, max_num_timeout=3)
+    params: dict[str, Any] = {
+        "job_name": name,
+        "time": slurm.time_min,
+        "nodes": slurm.nodes,
+        "ntasks_per_node": slurm.tasks_per_node,
+        "cpus_per_task": slurm.cpus_per_task,
+        "signal_delay_s": 60,
+        "stderr_to_stdout": False,
+    }
+    optional = {
+        "partition": slurm.partition,
+        "account": slurm.account,
+        "qos": slurm.qos,
+        "constraint": slurm.constraint,
+        "gpus_per_node": slurm.gpus_per_node or None,
+        "mem": slurm.mem_gb,
+        "exclusive": True if slurm.exclusive else None,
+        "setup": list(slurm.setup) or None,
+        "additional_parameters": dict(slurm.slurm_opts) or None,
+        "array_parallelism": max_parallel,
+    }
+    params.update({k: v for k, v in optional.items() if v is not None})
+    ex.update_parameters(**params)
+    return ex
+
+
+def sbatch_text(executor, n_tasks: int) -> str:
+    """The exact sbatch script submitit writes for an array of n_tasks (or one job)."""
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    params = dict(executor.parameters)
+    if n_tasks > 1:
+        params["map_count"] = n_tasks
+    return _make_sbatch_string(command=executor._submitit_command_str, folder=executor.folder, **params)
+
+
+def max_array_size() -> int | None:
+    """MaxArraySize from `scontrol show config` (None when scontrol is unavailable)."""
+    try:
+        out = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    for line in out.stdout.splitlines():
+        key, _, value = line.partition("=")
+        if key.strip() == "MaxArraySize":
+            with contextlib.suppress(ValueError):
+                return int(value.strip())
+    return None
+
+
+def chunks(items: list[Any], size: int | None) -> list[list[Any]]:
+    if not size or size <= 0:
+        return [items]
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def submit_slurm(executor, tasks: list[TrainTask], max_array: int | None) -> list[list[str]]:
+    """Submit tasks as job arrays (split to fit MaxArraySize); return job ids per chunk.
+
+    Raises LaunchError with sbatch's message; chunks already submitted are returned in `.done`.
+    """
+    from submitit.core.utils import FailedJobError
+
+    submitted: list[list[str]] = []
+    for group in chunks(tasks, max_array):
+        try:
+            if len(group) == 1:
+                jobs = [executor.submit(group[0])]
+            else:
+                jobs = executor.map_array(_call, group)
+        except (FailedJobError, subprocess.CalledProcessError, OSError) as e:
+            err = LaunchError(_sbatch_message(e))
+            err.done = submitted  # type: ignore[attr-defined]
+            raise err from None
+        submitted.append([j.job_id for j in jobs])
+    return submitted
+
+
+def _call(task: TrainTask) -> list[dict[str, Any]]:
+    return task()
+
+
+def _sbatch_message(e: BaseException) -> str:
+    text = str(e)
+    for line in text.splitlines():
+        if "sbatch: error" in line:
+            return line.strip()
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return lines[-1] if lines else type(e).__name__
+
+
+# ---- local execution with a concurrency cap ----------------------------------------------------
+
+
+def local_gpu_count() -> int:
+    """GPUs this machine would give jobs (without importing torch in the parent)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return len([v for v in visible.split(",") if v.strip() and v.strip() != "-1"])
+    if shutil.which("nvidia-smi"):
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10)
+            return len([ln for ln in out.stdout.splitlines() if ln.startswith("GPU ")])
+    return 0
+
+
+def run_local(
+    folder: Path,
+    tasks: list[TrainTask],
+    *,
+    max_parallel: int,
+    tasks_per_node: int = 1,
+    timeout_min: int = 24 * 60,
+    on_event: Callable[[str, int, Any], None] | None = None,
+    executor_kind: str = "local",
+) -> list[str]:
+    """Run tasks on this machine through submitit's LocalExecutor, at most `max_parallel` at once,
+    each concurrent job on its own GPU when there are several. Blocks until all are done; returns
+    the final state of each task ('COMPLETED' / 'FAILED')."""
+    import submitit
+
+    gpus = local_gpu_count()
+    slots = list(range(max_parallel))
+    pending = list(enumerate(tasks))
+    running: dict[int, tuple[Any, int]] = {}
+    states = ["PENDING"] * len(tasks)
+    cpu_threads = max(1, (os.cpu_count() or 1) // max(1, max_parallel * tasks_per_node))
+
+    def start(i: int, task: TrainTask, slot: int) -> None:
+        if executor_kind == "debug":
+            ex = submitit.DebugExecutor(folder=folder)
+        else:
+            ex = submitit.LocalExecutor(folder=folder)
+            params: dict[str, Any] = {"timeout_min": timeout_min, "tasks_per_node": tasks_per_node}
+            if gpus:
+                per_job = max(1, gpus // max_parallel)
+                first = (slot * per_job) % gpus
+                params.update(gpus_per_node=per_job, visible_gpus=tuple(range(first, first + per_job)))
+            ex.update_parameters(**params)
+        if task.threads is None and not gpus:
+            task.threads = cpu_threads
+        job = ex.submit(task)
+        running[i] = (job, slot)
+        states[i] = "RUNNING"
+        if on_event:
+            on_event("started", i, job)
+
+    try:
+        while pending or running:
+            while pending and slots:
+                i, task = pending.pop(0)
+                start(i, task, slots.pop(0))
+            time.sleep(0.2)
+            for i, (job, slot) in list(running.items()):
+                if executor_kind == "debug" or job.done():
+                    try:
+                        job.result()
+                        states[i] = "COMPLETED"
+                    except Exception as e:
+                        states[i] = "FAILED"
+                        if on_event:
+                            on_event("error", i, e)
+                    del running[i]
+                    slots.append(slot)
+                    if on_event:
+                        on_event("finished", i, job)
+    except BaseException:
+        for job, _ in running.values():
+            with contextlib.suppress(Exception):
+                job.cancel(check=False)
+        raise
+    return states
+
+
+# ---- the manifest ------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def locked(folder: Path) -> Iterator[None]:
+    """An exclusive lock on the sweep folder for read-modify-write of the manifest."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def read_manifest(folder: Path) -> dict[str, Any] | None:
+    path = folder / MANIFEST
+    if not path.exists():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return data if isinstance(data, dict) and data.get("kind") == SWEEP_KIND else None
+
+
+def record_submission(
+    folder: Path,
+    *,
+    name: str,
+    executor: str,
+    grid: dict[str, list[Any]],
+    slurm: dict[str, Any] | None,
+    runs: dict[str, dict[str, Any]],
+    new_attempt: bool = True,
+) -> dict[str, Any]:
+    """Merge newly submitted runs into the manifest (under the folder lock) and write it atomically.
+    `new_attempt=False` only updates run info (e.g. the job id a local run got when it started)."""
+    with locked(folder):
+        manifest = read_manifest(folder) or {
+            "kind": SWEEP_KIND,
+            "schema_version": 1,
+            "name": name,
+            "created_at": utc_now(),
+            "runs": {},
+            "submissions": [],
+        }
+        now = utc_now()
+        manifest.update(executor=executor, grid=grid, slurm=slurm, updated_at=now, **git_info())
+        if new_attempt:
+            manifest["submissions"].append({"at": now, "executor": executor, "runs": sorted(runs)})
+        for run_id, info in runs.items():
+            old = manifest["runs"].get(run_id, {})
+            if new_attempt:
+                info = {**info, "submitted_at": now, "attempts": old.get("attempts", 0) + 1}
+            manifest["runs"][run_id] = {**old, **info}
+        atomic_write_json(folder / MANIFEST, manifest)
+        return manifest
+
+
+def list_sweeps(results_dir: Path) -> list[Path]:
+    if not results_dir.is_dir():
+        return []
+    return sorted(p.parent for p in results_dir.glob(f"*/{MANIFEST}"))
+
+
+# ---- what is done, what is left ----------------------------------------------------------------
+
+
+def result_status(folder: Path, run_id: str) -> tuple[str | None, dict[str, Any] | None]:
+    """('completed' | 'failed' | 'running' | None, data) from the run's result file."""
+    path = folder / f"{run_id}.json"
+    if not path.exists():
+        return None, None
+    try:
+        data = load_result(path).data
+    except ResultError:
+        return None, None
+    return data["status"], data
+
+
+TERMINAL = {
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "OUT_OF_MEMORY",
+    "NODE_FAIL",
+    "PREEMPTED",
+    "BOOT_FAIL",
+    "DEADLINE",
+}
+
+
+def scheduler_states(job_ids: list[str]) -> dict[str, str] | None:
+    """SLURM state per job id (array task ids like 12_3): sacct, else squeue; None if neither works."""
+    ids = [j for j in job_ids if j]
+    if not ids:
+        return {}
+    states: dict[str, str] = {}
+    try:
+        out = subprocess.run(
+            [
+                "sacct",
+                "-n",
+                "-P",
+                "-X",
+                "-o",
+                "JobID,State",
+                "-j",
+                ",".join(sorted({i.split("_")[0] for i in ids})),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        if out.returncode == 0:
+            for line in out.stdout.splitlines():
+                jid, _, state = line.partition("|")
+                states[jid.strip()] = state.split()[0] if state.strip() else "UNKNOWN"
+            # an array still queued shows as 12_[0-3%2] in sacct: expand for our ids
+            for jid in ids:
+                if jid not in states:
+                    base = jid.split("_")[0]
+                    for key, st in list(states.items()):
+                        if key.startswith(f"{base}_[") or key == base:
+                            states[jid] = st
+            return {j: states.get(j, "UNKNOWN") for j in ids}
+    except (OSError, subprocess.SubprocessError):
+        pass
+    try:  # no accounting: squeue knows only live jobs
+        out = subprocess.run(
+            ["squeue", "-h", "-r", "-o", "%i|%T"], capture_output=True, text=True, timeout=30
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return None
+    live = dict(line.split("|", 1) for line in out.stdout.splitlines() if "|" in line)
+    return {j: live.get(j, "GONE") for j in ids}
+
+
+def plan_runs(
+    folder: Path, run_ids: list[str], *, retry_failed: bool, force: bool, executor: str
+) -> tuple[list[str], dict[str, list[str]]]:
+    """Which runs to submit, and the skipped ones by reason ('completed', 'failed', 'queued')."""
+    skipped: dict[str, list[str]] = {"completed": [], "failed": [], "queued": []}
+    if force:
+        return list(run_ids), skipped
+    manifest = read_manifest(folder) or {"runs": {}}
+    candidates: list[str] = []
+    for run_id in run_ids:
+        status, _ = result_status(folder, run_id)
+        if status == "completed":
+            skipped["completed"].append(run_id)
+        elif status == "failed" and not retry_failed:
+            skipped["failed"].append(run_id)
+        else:
+            candidates.append(run_id)
+    if executor == "slurm":
+        jobs = {r: manifest["runs"].get(r, {}).get("job_id") for r in candidates}
+        states = scheduler_states([j for j in jobs.values() if j]) or {}
+        for run_id, job_id in jobs.items():
+            if job_id and states.get(job_id, "GONE") not in TERMINAL | {"GONE", "UNKNOWN"}:
+                skipped["queued"].append(run_id)
+        candidates = [r for r in candidates if r not in skipped["queued"]]
+    return candidates, skipped
+
+
+def run_states(folder: Path) -> list[dict[str, Any]]:
+    """One row per run of a sweep: run id, config, job id, state, accuracy."""
+    manifest = read_manifest(folder)
+    if manifest is None:
+        raise ConfigError(f"{folder} is not a sweep folder (no {MANIFEST})")
+    runs = manifest["runs"]
+    sched = None
+    if manifest.get("executor") == "slurm":
+        sched = scheduler_states([r.get("job_id") for r in runs.values() if r.get("job_id")])
+    rows = []
+    for run_id, info in runs.items():
+        status, data = result_status(folder, run_id)
+        job_id = info.get("job_id")
+        state = (sched or {}).get(job_id) if job_id else None
+        if status in ("completed", "failed"):
+            shown = status.upper()
+            if status == "failed" and state in ("PENDING", "RUNNING", "REQUEUED"):
+                shown = state  # resubmitted after a failure, going again
+        elif state and state not in ("GONE", "UNKNOWN"):
+            shown = "FAILED" if state in TERMINAL and state != "COMPLETED" else state
+            if state == "COMPLETED":
+                shown = "FAILED"  # finished without writing a result
+        elif status == "running":
+            shown = "RUNNING"
+        elif sched is None and manifest.get("executor") == "slurm":
+            shown = "UNKNOWN"
+        else:
+            shown = "PENDING" if manifest.get("executor") == "slurm" and state != "GONE" else "MISSING"
+        acc = data["metrics"].get("test_accuracy") if data else None
+        rows.append(
+            {
+                "run_id": run_id,
+                "config": info.get("config", {}),
+                "job_id": job_id,
+                "state": shown,
+                "test_accuracy": acc,
+                "error": (data or {}).get("error", {}) and data["error"].get("message"),
+            }
+        )
+    return rows
+
+
+def log_paths(folder: Path, job_id: str) -> tuple[Path, Path]:
+    from submitit.core.utils import JobPaths
+
+    paths = JobPaths(folder / LOG_DIR, job_id=job_id, task_id=0)
+    return paths.stdout, paths.stderr
+
+
+def cancel_jobs(job_ids: list[str]) -> None:
+    if job_ids:
+        subprocess.run(["scancel", *job_ids], check=False, capture_output=True, timeout=30)
