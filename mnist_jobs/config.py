@@ -56,9 +56,9 @@ class TrainConfig:
         _check_number("eval_every", self.eval_every, int, minimum=1)
         if not isinstance(self.device, str) or not _DEVICE_RE.match(self.device):
             raise ConfigError(f"--device must be auto, cpu, cuda, cuda:N or mps (got {self.device!r})")
-        if self.epochs is not None and self.iters is not None:
-            if self.iters != self.epochs * self.iters_per_epoch:
-                raise ConfigError("give --epochs or --iters, not both")
+        both = self.epochs is not None and self.iters is not None
+        if both and self.iters != self.epochs * self.iters_per_epoch:  # (a resolved dict round-trips)
+            raise ConfigError("give --epochs or --iters, not both")
         if self.epochs is not None:
             _check_number("epochs", self.epochs, int, minimum=1)
             object.__setattr__(self, "iters", self.epochs * self.iters_per_epoch)

@@ -170,7 +170,7 @@ def slurm_executor(folder: Path, name: str, slurm: SlurmConfig, max_parallel: in
         "qos": slurm.qos,
         "constraint": slurm.constraint,
         "gpus_per_node": slurm.gpus_per_node or None,
-        "mem": slurm.mem_gb,
+        "mem": _sbatch_mem(slurm.mem_gb),
         "exclusive": True if slurm.exclusive else None,
         "setup": list(slurm.setup) or None,
         "additional_parameters": dict(slurm.slurm_opts) or None,
@@ -179,6 +179,13 @@ def slurm_executor(folder: Path, name: str, slurm: SlurmConfig, max_parallel: in
     params.update({k: v for k, v in optional.items() if v is not None})
     ex.update_parameters(**params)
     return ex
+
+
+def _sbatch_mem(mem_gb: float | None) -> str | None:
+    """sbatch --mem with a unit (a bare number would mean megabytes)."""
+    if mem_gb is None:
+        return None
+    return f"{int(mem_gb)}G" if float(mem_gb).is_integer() else f"{round(mem_gb * 1024)}M"
 
 
 def sbatch_text(executor, n_tasks: int) -> str:

@@ -11,16 +11,20 @@ runner = CliRunner()
 
 
 def test_help_does_not_import_torch():
-    code = "import sys; from mnist_jobs.cli import app; assert 'torch' not in sys.modules; " \
-           "assert 'submitit' not in sys.modules"
+    code = (
+        "import sys; from mnist_jobs.cli import app; assert 'torch' not in sys.modules; "
+        "assert 'submitit' not in sys.modules"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
     out = subprocess.run([sys.executable, "-m", "mnist_jobs", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "train" in out.stdout
 
 
 def test_train_end_to_end(tmp_path):
-    res = runner.invoke(app, ["train", "--iters", "20", "--eval-every", "10", "--device", "cpu",
-                              "--results-dir", str(tmp_path)])
+    res = runner.invoke(
+        app,
+        ["train", "--iters", "20", "--eval-every", "10", "--device", "cpu", "--results-dir", str(tmp_path)],
+    )
     assert res.exit_code == 0, res.output
     files = list(tmp_path.glob("*.json"))
     assert len(files) == 1
@@ -62,8 +66,9 @@ def test_unwritable_results_dir(tmp_path):
 
 def test_corrupt_data_is_exit_2_and_no_record(tmp_path, data_copy):
     (data_copy / "MNIST" / "raw" / "t10k-labels-idx1-ubyte.gz").write_bytes(b"\x1f\x8b broken")
-    res = runner.invoke(app, ["train", "--iters", "5", "--data-dir", str(data_copy),
-                              "--results-dir", str(tmp_path / "out")])
+    res = runner.invoke(
+        app, ["train", "--iters", "5", "--data-dir", str(data_copy), "--results-dir", str(tmp_path / "out")]
+    )
     assert res.exit_code == 2 and "t10k-labels-idx1-ubyte.gz is corrupt" in res.output
     assert not list((tmp_path / "out").glob("*.json"))
 

@@ -5,7 +5,14 @@ from mnist_jobs.config import ConfigError, TrainConfig, parse_option, train_conf
 
 def test_defaults_are_the_tutorial_run():
     c = TrainConfig()
-    assert (c.model, c.optimizer, c.lr, c.batch_size, c.iters, c.eval_every) == ("logreg", "sgd", 0.001, 100, 3000, 500)
+    assert (c.model, c.optimizer, c.lr, c.batch_size, c.iters, c.eval_every) == (
+        "logreg",
+        "sgd",
+        0.001,
+        100,
+        3000,
+        500,
+    )
     assert c.iters == 5 * c.iters_per_epoch
 
 

@@ -57,8 +57,14 @@ def test_killed_writer_never_leaves_a_partial_file(tmp_path):
 
 
 def test_loader_skips_foreign_truncated_and_future_files(tmp_path):
-    good = {"schema_version": 1, "kind": "mnist-jobs/result", "run_id": "x", "status": "completed",
-            "config": {}, "metrics": {}}
+    good = {
+        "schema_version": 1,
+        "kind": "mnist-jobs/result",
+        "run_id": "x",
+        "status": "completed",
+        "config": {},
+        "metrics": {},
+    }
     atomic_write_json(tmp_path / "good.json", good)
     (tmp_path / "trunc.json").write_text(json.dumps(good)[:20])
     (tmp_path / "foreign.json").write_text('{"hello": "world"}')

@@ -33,7 +33,9 @@ def test_result_schema(tmp_path):
     assert {"data_load_s", "train_s", "eval_s", "total_s", "samples_per_s"} <= set(t)
     assert t["total_s"] >= t["train_s"] > 0
     e = data["env"]
-    assert e["device"] == "cpu" and e["torch"] == torch.__version__.split("+")[0] or e["torch"].startswith("2.")
+    assert (
+        e["device"] == "cpu" and e["torch"] == torch.__version__.split("+")[0] or e["torch"].startswith("2.")
+    )
     for key in ("torchvision", "submitit", "python", "hostname", "git_sha"):
         assert key in e
     assert data["started_at"] < data["finished_at"]
@@ -45,8 +47,10 @@ def test_same_seed_same_result_bit_for_bit(tmp_path):
     a = train(cfg, results_dir=tmp_path / "a")
     b = train(cfg, results_dir=tmp_path / "b")
     assert a["metrics"]["history"] == b["metrics"]["history"]
-    c = train(TrainConfig(model="cnn", lr=0.05, iters=30, eval_every=10, seed=4, device="cpu"),
-              results_dir=tmp_path / "c")
+    c = train(
+        TrainConfig(model="cnn", lr=0.05, iters=30, eval_every=10, seed=4, device="cpu"),
+        results_dir=tmp_path / "c",
+    )
     assert c["metrics"]["history"] != a["metrics"]["history"]
 
 

@@ -1,0 +1,204 @@
+import json
+import re
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from mnist_jobs.cli import app
+from mnist_jobs.config import ConfigError
+from mnist_jobs.launch import expand_grid, grid_values, read_manifest, read_sweep_file, sweep_run_id
+
+runner = CliRunner()
+REFERENCE = Path(__file__).parent / "data" / "dry_run_lr_sweep.sbatch"
+FAST = ["--iters", "20", "--eval-every", "10", "--device", "cpu"]
+
+
+def test_grid_is_the_cartesian_product_without_duplicates():
+    values = grid_values({"lr": "0.1,0.01", "seed": "0,1,2", "model": "logreg,logreg"})
+    configs = expand_grid(values)
+    assert len(configs) == 6
+    assert {(c.lr, c.seed) for c in configs} == {(lr, s) for lr in (0.1, 0.01) for s in (0, 1, 2)}
+    assert len({sweep_run_id(c) for c in configs}) == 6
+    # epochs 5 and iters 3000 are the same run
+    assert len(expand_grid(grid_values({"epochs": "5", "iters": None}))) == 1
+
+
+def test_bad_lists_are_clear_errors():
+    with pytest.raises(ConfigError, match="--lr has an empty value"):
+        grid_values({"lr": "0.1,"})
+    with pytest.raises(ConfigError, match="--seed is an empty list"):
+        grid_values({}, {"seed": []})
+
+
+def test_toml_file_gives_the_same_grid_and_cli_overrides(tmp_path):
+    f = tmp_path / "s.toml"
+    f.write_text('name = "lr-study"\nmodel = "logreg"\nlr = [0.1, 0.01]\nseed = [0, 1]\niters = 100\n')
+    file_values = read_sweep_file(f)
+    from_file = expand_grid(grid_values({}, file_values))
+    from_cli = expand_grid(grid_values({"lr": "0.1,0.01", "seed": "0,1", "iters": "100"}))
+    assert {sweep_run_id(c) for c in from_file} == {sweep_run_id(c) for c in from_cli}
+    overridden = expand_grid(grid_values({"lr": "0.5"}, file_values))
+    assert {c.lr for c in overridden} == {0.5} and len(overridden) == 2
+    f.write_text("lr = [0.1\n")
+    with pytest.raises(ConfigError, match="invalid TOML"):
+        read_sweep_file(f)
+    f.write_text("lrr = [0.1]\n")
+    with pytest.raises(ConfigError, match="unknown key.*lrr"):
+        read_sweep_file(f)
+
+
+def _normalise(text: str, results: Path) -> str:
+    text = text.replace(str(results), "RESULTS")
+    return re.sub(r"\S*/python3?(\.\d+)?\b", "PYTHON", text)
+
+
+def test_dry_run_sbatch_matches_stored_reference(tmp_path):
+    res = runner.invoke(
+        app,
+        [
+            "sweep",
+            "--lr",
+            "0.001,0.01",
+            "--partition",
+            "gpu",
+            "--gpus-per-node",
+            "1",
+            "--cpus-per-task",
+            "2",
+            "--mem-gb",
+            "4",
+            "--time-min",
+            "30",
+            "--max-parallel",
+            "1",
+            "--setup",
+            "module load cuda",
+            "--slurm-opt",
+            "mail-type=END",
+            "--name",
+            "lr-study",
+            "--dry-run",
+            "--results-dir",
+            str(tmp_path),
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    script = res.output[res.output.index("#!/bin/bash") : res.output.index("dry run: nothing submitted")]
+    assert "#SBATCH --partition=gpu" in script and "#SBATCH --array=0-1%1" in script
+    assert _normalise(script, tmp_path).strip() == REFERENCE.read_text().strip()
+    assert not (tmp_path / "lr-study").exists()  # nothing written, nothing submitted
+
+
+def test_local_sweep_in_process_resume_force_retry(tmp_path):
+    args = [
+        "sweep",
+        "--lr",
+        "0.05,0.1",
+        "--seed",
+        "0",
+        *FAST,
+        "--executor",
+        "debug",
+        "--name",
+        "s",
+        "--results-dir",
+        str(tmp_path),
+    ]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    manifest = read_manifest(tmp_path / "s")
+    assert manifest["executor"] == "local" and len(manifest["runs"]) == 2
+    results = {p.stem: json.loads(p.read_text()) for p in (tmp_path / "s").glob("logreg-*.json")}
+    assert set(results) == set(manifest["runs"])
+    assert all(r["status"] == "completed" and r["sweep"] == "s" for r in results.values())
+    assert {r["config"]["lr"] for r in results.values()} == {0.05, 0.1}
+
+    again = runner.invoke(app, args)
+    assert again.exit_code == 0 and "2 run(s) already completed: skipped" in again.output
+    assert "nothing to submit" in again.output
+
+    # a failed run is skipped unless --retry-failed
+    victim = next(iter(results))
+    rec = results[victim] | {"status": "failed", "error": {"type": "X", "message": "boom"}}
+    (tmp_path / "s" / f"{victim}.json").write_text(json.dumps(rec))
+    res = runner.invoke(app, args)
+    assert "1 run(s) already failed: skipped (--retry-failed to rerun)" in res.output
+    res = runner.invoke(app, [*args, "--retry-failed"])
+    assert res.exit_code == 0
+    assert json.loads((tmp_path / "s" / f"{victim}.json").read_text())["status"] == "completed"
+    res = runner.invoke(app, [*args, "--force"])
+    assert res.exit_code == 0 and "running 2 run(s)" in res.output
+    assert read_manifest(tmp_path / "s")["runs"][victim]["attempts"] == 3
+
+
+def test_local_executor_caps_concurrency(tmp_path):
+    """Real subprocesses through submitit's LocalExecutor: never more than --max-parallel at once."""
+    res = runner.invoke(
+        app,
+        [
+            "sweep",
+            "--lr",
+            "0.01,0.02,0.03",
+            *FAST,
+            "--max-parallel",
+            "2",
+            "--name",
+            "cap",
+            "--results-dir",
+            str(tmp_path),
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    recs = [json.loads(p.read_text()) for p in (tmp_path / "cap").glob("logreg-*.json")]
+    assert len(recs) == 3 and all(r["status"] == "completed" for r in recs)
+    spans = [
+        (
+            datetime.fromisoformat(r["started_at"].rstrip("Z")),
+            datetime.fromisoformat(r["finished_at"].rstrip("Z")),
+        )
+        for r in recs
+    ]
+    for start, _ in spans:
+        assert sum(s <= start < e for s, e in spans) <= 2
+    manifest = read_manifest(tmp_path / "cap")
+    assert all(run["job_id"] for run in manifest["runs"].values())  # local job ids recorded
+    logs = runner.invoke(app, ["logs", "cap", "--results-dir", str(tmp_path)])
+    assert logs.exit_code == 0 and "test_acc" in logs.output
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--lr", "0.1", "--time-min", "0", "--partition", "gpu"], "--time-min must be >= 1"),
+        (["--lr", "0.1", "--nodes", "-1", "--partition", "gpu"], "--nodes must be >= 1"),
+        (["--lr", "0.1", "--pack", "0"], "--pack must be >= 1"),
+        (["--lr", "0.1", "--nodes", "2", "--executor", "local"], "needs SLURM"),
+        (["--lr", "0.1", "--executor", "kubernetes"], "--executor must be auto, slurm or local"),
+        (["--lr", "0.1,,0.2"], "--lr has an empty value"),
+        (
+            [
+                "--lr",
+                ",".join(str(i / 1000 + 0.001) for i in range(101)),
+                "--seed",
+                ",".join(map(str, range(100))),
+            ],
+            "the grid has 10,100 runs",
+        ),
+        (["--lr", "0.1", "--slurm-opt", "novalue", "--partition", "gpu"], "--slurm-opt must be KEY=VALUE"),
+        (["--config", "/nonexistent.toml"], "cannot read"),
+    ],
+)
+def test_sweep_bad_input(tmp_path, args, needle):
+    res = runner.invoke(app, ["sweep", *args, "--results-dir", str(tmp_path / "r")])
+    assert res.exit_code == 2, res.output
+    assert needle in res.output and "Traceback" not in res.output
+    assert not (tmp_path / "r").exists() or not any((tmp_path / "r").rglob("*.json"))
+
+
+def test_status_and_logs_of_unknown_sweep(tmp_path):
+    res = runner.invoke(app, ["status", "nope", "--results-dir", str(tmp_path)])
+    assert res.exit_code == 2 and "no sweep named 'nope'" in res.output
+    res = runner.invoke(app, ["status", "--results-dir", str(tmp_path)])
+    assert res.exit_code == 0
