@@ -16,11 +16,11 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import torch  # noqa: E402
-from tutorial_baseline import tutorial_train  # noqa: E402
+import torch
+from tutorial_baseline import tutorial_train
 
-from mnist_jobs.config import TrainConfig  # noqa: E402
-from mnist_jobs.train import train  # noqa: E402
+from mnist_jobs.config import TrainConfig
+from mnist_jobs.train import train
 
 
 def main() -> None:
@@ -34,10 +34,17 @@ def main() -> None:
     args = p.parse_args()
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cpus")
-    cfg = TrainConfig(model=args.model, lr=args.lr, momentum=args.momentum, iters=args.iters,
-                      seed=args.seed, device=args.device)
-    base = tutorial_train(model=args.model, lr=args.lr, momentum=args.momentum, iters=args.iters,
-                          seed=args.seed)
+    cfg = TrainConfig(
+        model=args.model,
+        lr=args.lr,
+        momentum=args.momentum,
+        iters=args.iters,
+        seed=args.seed,
+        device=args.device,
+    )
+    base = tutorial_train(
+        model=args.model, lr=args.lr, momentum=args.momentum, iters=args.iters, seed=args.seed
+    )
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         ours = train(cfg, results_dir=tmp, progress=lambda p: None)
@@ -45,16 +52,24 @@ def main() -> None:
     ours_loop = ours["timings"]["train_s"] + ours["timings"]["eval_s"]
     rows = [
         ("tutorial (DataLoader + ToTensor)", base["loop_s"], base["setup_s"], base["test_accuracy"]),
-        (f"mnist-jobs ({ours['env']['device']})", ours_loop, ours["timings"]["data_load_s"],
-         ours["metrics"]["test_accuracy"]),
+        (
+            f"mnist-jobs ({ours['env']['device']})",
+            ours_loop,
+            ours["timings"]["data_load_s"],
+            ours["metrics"]["test_accuracy"],
+        ),
     ]
-    print(f"\n{args.model}, lr {args.lr}, momentum {args.momentum}, batch 100, {args.iters} iters, seed {args.seed}")
+    print(
+        f"\n{args.model}, lr {args.lr}, momentum {args.momentum}, batch 100, {args.iters} iters, seed {args.seed}"
+    )
     print(f"{'pipeline':36s} {'train+eval s':>12s} {'data s':>8s} {'test acc %':>10s}")
     for name, loop, setup, acc in rows:
         print(f"{name:36s} {loop:12.3f} {setup:8.3f} {acc:10.2f}")
-    print(f"\nspeed-up (train+eval loop): {base['loop_s'] / ours_loop:.1f}x   "
-          f"end to end incl. data: {(base['loop_s'] + base['setup_s']) / ours_wall:.1f}x   "
-          f"accuracy difference: {ours['metrics']['test_accuracy'] - base['test_accuracy']:+.2f} points")
+    print(
+        f"\nspeed-up (train+eval loop): {base['loop_s'] / ours_loop:.1f}x   "
+        f"end to end incl. data: {(base['loop_s'] + base['setup_s']) / ours_wall:.1f}x   "
+        f"accuracy difference: {ours['metrics']['test_accuracy'] - base['test_accuracy']:+.2f} points"
+    )
 
 
 if __name__ == "__main__":

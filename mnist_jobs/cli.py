@@ -161,7 +161,7 @@ def train(
     except ConfigError as e:
         fail(str(e))
     kind = _executor_kind(executor, v)
-    if kind == "slurm" or slurm.tasks_per_node > 1 or kind == "debug":
+    if kind == "slurm" or slurm.tasks_per_node > 1 or slurm.nodes > 1 or kind == "debug":
         # Submitted (or multi-process) runs go through the sweep machinery: a one-run sweep.
         from .launch import sweep_run_id
 
@@ -869,9 +869,13 @@ def report(
     if to_text is not None:
         sys.stdout.write(to_text(result))
         return
+    import os
+
     from rich.console import Console
 
     console = Console()
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        console = Console(width=160)  # piped into a file or a pager: do not squeeze into 80 columns
     if not result.rows and not result.other_rows:
         console.print(f"No results to show under {path}. {rep.footer(result)}", highlight=False)
         return

@@ -1,6 +1,12 @@
-"""Device selection and (later) distributed setup: everything about where a job runs lives here."""
+"""Where a job runs: device selection and all distributed (DDP) setup live in this one module."""
 
 from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 
@@ -54,3 +60,92 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
     elif device.type == "mps":
         torch.mps.synchronize()
+
+
+# ---- distributed ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class DistInfo:
+    """Where this process sits in a job. world_size 1 = plain single-process training."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    local_world_size: int = 1
+    nodes: int = 1
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+SINGLE = DistInfo()
+
+
+def dist_timeout_s() -> float:
+    """How long a collective may wait for a peer before the job fails (a crashed rank)."""
+    return float(os.environ.get("MNIST_JOBS_DIST_TIMEOUT_S", "120"))
+
+
+def rank_device(spec: str, dist: DistInfo) -> torch.device:
+    """The device of this rank: cuda:local_rank when training on CUDA, else what select_device says."""
+    device = select_device(spec)
+    if dist.distributed and device.type == "cuda":
+        count = torch.cuda.device_count()
+        if dist.local_world_size > count:
+            raise DeviceError(
+                f"{dist.local_world_size} tasks per node but only {count} CUDA device(s) visible: "
+                "use --tasks-per-node <= --gpus-per-node"
+            )
+        device = torch.device("cuda", dist.local_rank)
+        torch.cuda.set_device(device)
+    if dist.distributed and device.type == "mps":
+        raise DeviceError("DistributedDataParallel is not supported on MPS: use --device cpu")
+    return device
+
+
+@contextlib.contextmanager
+def process_group(dist: DistInfo, device: torch.device) -> Iterator[str | None]:
+    """Init the process group (nccl on CUDA, gloo on CPU) for the block; destroy it on every exit."""
+    if not dist.distributed:
+        yield None
+        return
+    import torch.distributed as tdist
+
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    tdist.init_process_group(
+        backend=backend,
+        init_method=f"tcp://{dist.master_addr}:{dist.master_port}",
+        rank=dist.rank,
+        world_size=dist.world_size,
+        timeout=_dt.timedelta(seconds=dist_timeout_s()),
+        device_id=device if device.type == "cuda" else None,
+    )
+    try:
+        yield backend
+    finally:
+        with contextlib.suppress(Exception):
+            tdist.destroy_process_group()
+
+
+def all_reduce_sum(*tensors: torch.Tensor) -> None:
+    import torch.distributed as tdist
+
+    if tdist.is_available() and tdist.is_initialized():
+        for t in tensors:
+            tdist.all_reduce(t, op=tdist.ReduceOp.SUM)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -105,21 +105,28 @@ def default_sweep_name(run_ids: list[str]) -> str:
 
 @dataclass
 class TrainTask:
-    """The picklable callable submitit runs: one run, or a pack of runs trained together."""
+    """The picklable callable submitit runs: one run, or a pack of runs trained together.
+
+    With several tasks (--tasks-per-node / --nodes), every task runs this; the process group comes
+    from submitit's job environment and rank 0 alone writes the result.
+    """
 
     configs: list[dict[str, Any]]
     run_ids: list[str]
     results_dir: str
     data_dir: str | None = None
     threads: int | None = None
+    master_port: int | None = None  # set for local multi-process jobs (a free port on this machine)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __call__(self) -> list[dict[str, Any]]:
         import torch
 
-        if self.threads:
-            torch.set_num_threads(self.threads)
+        threads = self.threads or int(os.environ.get("SLURM_CPUS_PER_TASK", "0"))
+        if threads:
+            torch.set_num_threads(threads)
         configs = [TrainConfig.from_dict(c) for c in self.configs]
+        dist = self.dist_info()
         if len(configs) == 1:
             from .train import train
 
@@ -130,9 +137,12 @@ class TrainTask:
                     run_id=self.run_ids[0],
                     data_dir=self.data_dir,
                     extra=self.extra,
+                    dist=dist,
                 )
             ]
         else:
+            if dist.distributed:
+                raise ConfigError("--pack cannot be combined with several tasks per job (DDP)")
             from .packed import train_packed
 
             records = train_packed(
@@ -146,6 +156,32 @@ class TrainTask:
             {"run_id": r["run_id"], "status": r["status"], "test_accuracy": r["metrics"].get("test_accuracy")}
             for r in records
         ]
+
+    def dist_info(self):
+        """Rank, world size and rendezvous from the submitit job environment (SLURM or local)."""
+        import submitit
+
+        from .device import SINGLE, DistInfo
+
+        try:
+            job_env = submitit.JobEnvironment()
+        except RuntimeError:  # not inside a submitit job (called directly)
+            return SINGLE
+        if job_env.num_tasks <= 1:
+            return SINGLE
+        if self.master_port:
+            os.environ["MASTER_PORT"] = str(self.master_port)
+        env = submitit.helpers.TorchDistributedEnvironment()
+        local = os.environ.get("SUBMITIT_EXECUTOR") == "local"
+        return DistInfo(
+            rank=env.rank,
+            local_rank=env.local_rank,
+            world_size=env.world_size,
+            local_world_size=env.local_world_size,
+            nodes=job_env.num_nodes,
+            master_addr="127.0.0.1" if local else env.master_addr,
+            master_port=env.master_port,
+        )
 
 
 # ---- executors ---------------------------------------------------------------------------------
@@ -303,6 +339,10 @@ def run_local(
             ex.update_parameters(**params)
         if task.threads is None and not gpus:
             task.threads = cpu_threads
+        if tasks_per_node > 1 and task.master_port is None:
+            from .device import free_port
+
+            task.master_port = free_port()
         job = ex.submit(task)
         running[i] = (job, slot)
         states[i] = "RUNNING"
@@ -318,7 +358,7 @@ def run_local(
             for i, (job, slot) in list(running.items()):
                 if executor_kind == "debug" or job.done():
                     try:
-                        job.result()
+                        job.results()  # every task's (DDP ranks); raises if any failed
                         states[i] = "COMPLETED"
                     except Exception as e:
                         states[i] = "FAILED"

@@ -47,7 +47,7 @@ HYPERPARAMS = (
     "eval_every",
 )
 DERIVED = ("epochs",)  # resolved into iters: filterable and sortable, never a "varying" column
-PLACEMENT = ("device", "world_size")  # where it ran: always their own columns, part of the row key
+PLACEMENT = ("device", "world_size")  # where it ran: part of the row key; a column where it differs
 CONFIG_KEYS = HYPERPARAMS + PLACEMENT
 METRICS = ("test_accuracy", "test_loss", "final_train_loss", "train_s", "samples_per_s", "total_s")
 INFO = ("run_id", "status")
@@ -126,10 +126,11 @@ class Filter:
 
     def matches(self, run: dict[str, Any]) -> bool:
         v = run.get(self.key)
-        if self.op == "=":
-            return v in self.values
-        if self.op == "!=":
-            return v not in self.values
+        if self.op in ("=", "!="):
+            hit = v in self.values
+            if self.key == "device" and isinstance(v, str):  # device=cuda matches cuda:0, cuda:1, ...
+                hit = hit or v.split(":")[0] in self.values
+            return hit if self.op == "=" else not hit
         if v is None:
             return False
         try:
@@ -258,6 +259,8 @@ def load_runs(root: Path | str) -> tuple[list[dict[str, Any]], list[tuple[str, s
             entry = entry if isinstance(entry, dict) else {}
             run = flatten({"config": entry.get("config"), "run_id": run_id, "status": "pending"})
             run["job_id"] = entry.get("job_id")
+            if run["device"] == "auto":
+                run["device"] = None  # not chosen until it runs
             runs.append(run)
     return runs, skipped
 
@@ -473,33 +476,54 @@ def _fmt_seconds(v: float | None) -> str:
     return f"{v:.0f}" if v >= 100 else f"{v:.1f}" if v >= 10 else f"{v:.2f}"
 
 
-TABLE_HEADERS = ("test acc %", "test loss", "train s", "n", "device", "world", "status")
+METRIC_HEADERS = ("test acc %", "test loss", "train s", "n")
+EXTRA_HEADERS = {"device": "device", "world_size": "world", "status": "status"}
 
 
-def table_cells(row: dict[str, Any], columns: Sequence[str]) -> list[str]:
+def extra_columns(rep: Report) -> list[str]:
+    """device, world_size and status get a column where they differ between the rows; where they do
+    not, the caption says them once (like every other constant setting)."""
+    rows = rep.all_rows
+    out = [k for k in ("device", "world_size") if len({str(r[k]) for r in rows if r[k] is not None}) > 1]
+    if any(r["status"] != "completed" for r in rows):
+        out.append("status")
+    return out
+
+
+def table_headers(rep: Report) -> list[str]:
+    return [*rep.columns, *METRIC_HEADERS, *(EXTRA_HEADERS[k] for k in extra_columns(rep))]
+
+
+def table_cells(row: dict[str, Any], columns: Sequence[str], extras: Sequence[str] = ()) -> list[str]:
     """The text of one row as the table and the markdown show it."""
     status = row["status"]
     if row.get("job_id"):
         status += f" (job {row['job_id']})"
     if row.get("error") and "failed" in status:
         status += f": {row['error']}"
+    shown = {"device": fmt_value(row["device"]), "world_size": fmt_value(row["world_size"]), "status": status}
     return [
         *(fmt_value(row[c]) for c in columns),
         _fmt_stat(row["test_accuracy_mean"], row["test_accuracy_std"], 2),
         _fmt_stat(row["test_loss_mean"], row["test_loss_std"], 4),
         _fmt_seconds(row["train_s_mean"]),
         str(row["n"]),
-        fmt_value(row["device"]),
-        fmt_value(row["world_size"]),
-        status,
+        *(shown[k] for k in extras),
     ]
 
 
 def caption_lines(rep: Report) -> list[str]:
     """What the table does not say in its cells: constant settings, what rows average, the footer."""
     lines = []
-    if rep.constants:
-        lines.append("same for all: " + "  ".join(f"{k}={fmt_value(v)}" for k, v in rep.constants.items()))
+    same = dict(rep.constants)
+    if rep.all_rows:
+        extras = extra_columns(rep)
+        for k in ("device", "world_size"):
+            known = [r[k] for r in rep.all_rows if r[k] is not None]
+            if k not in extras and known:
+                same[k] = known[0]
+    if same:
+        lines.append("same for all: " + "  ".join(f"{k}={fmt_value(v)}" for k, v in same.items()))
     if rep.grouped_over:
         lines.append(f"mean ± std over {', '.join(rep.grouped_over)} (n runs per row)")
     if rep.total_rows > len(rep.rows):
@@ -532,19 +556,19 @@ def build_table(rep: Report) -> Table:
         caption_justify="left",
         header_style="bold",
     )
-    for c in rep.columns:
-        table.add_column(c, justify="right" if c not in ("model", "optimizer") else "left", no_wrap=True)
-    for h in TABLE_HEADERS:
-        left = h in ("device", "status")
-        table.add_column(h, justify="left" if left else "right", no_wrap=h != "status")
+    extras = extra_columns(rep)
+    for h in table_headers(rep):
+        table.add_column(h, justify="left" if h in ("model", "optimizer", "device", "status") else "right")
     best = rep.best
     for i, row in enumerate(rep.rows):
         last = i == len(rep.rows) - 1 and bool(rep.other_rows)  # a rule between finished and the rest
         table.add_row(
-            *table_cells(row, rep.columns), style="bold green" if i == best else None, end_section=last
+            *table_cells(row, rep.columns, extras),
+            style="bold green" if i == best else None,
+            end_section=last,
         )
     for row in rep.other_rows:
-        table.add_row(*table_cells(row, rep.columns), style="dim")
+        table.add_row(*table_cells(row, rep.columns, extras), style="dim")
     return table
 
 
@@ -587,7 +611,8 @@ def to_json(rep: Report) -> str:
 
 def to_markdown(rep: Report) -> str:
     """A GitHub table: the columns of the rich table plus the run ids, then the caption lines."""
-    headers = [*rep.columns, *TABLE_HEADERS, "runs"]
+    extras = extra_columns(rep)
+    headers = [*table_headers(rep), "runs"]
 
     def line(cells: Iterable[str]) -> str:
         return "| " + " | ".join(c.replace("|", "\\|").replace("\n", " ") for c in cells) + " |"
@@ -596,7 +621,7 @@ def to_markdown(rep: Report) -> str:
     out = [line(headers), "|" + "|".join("---:" if h in right else "---" for h in headers) + "|"]
     best = rep.best
     for i, row in enumerate(rep.all_rows):
-        cells = [*table_cells(row, rep.columns), ", ".join(row["run_ids"])]
+        cells = [*table_cells(row, rep.columns, extras), ", ".join(row["run_ids"])]
         if i == best:
             cells = [f"**{c}**" for c in cells]
         out.append(line(cells))
@@ -655,9 +680,11 @@ def _plot_sweep(ax: Any, runs: list[dict[str, Any]], key: str, others: list[str]
     combos: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
     for r in runs:
         combos.setdefault(tuple(r[o] for o in others), []).append(r)
+    spread = "std over seeds"
     if len(combos) > max_lines:  # too many lines to read: average over the other settings
         combos = {("mean over other settings",): runs}
         others = []
+        spread = "std over seeds and other settings"
     for combo, members in sorted(combos.items(), key=lambda kv: [_order(v) for v in kv[0]]):
         px, py, pe = [], [], []
         for x in xs:
@@ -678,7 +705,7 @@ def _plot_sweep(ax: Any, runs: list[dict[str, Any]], key: str, others: list[str]
         ax.minorticks_off()
     ax.set_xlabel(key)
     ax.set_ylabel("test accuracy %")
-    ax.set_title(f"test accuracy vs {key} (± std over seeds)", fontsize=10)
+    ax.set_title(f"test accuracy vs {key} (± {spread})", fontsize=10)
     ax.grid(True, alpha=0.3)
     if len(combos) > 1 or others:
         ax.legend(fontsize=8)
@@ -686,8 +713,11 @@ def _plot_sweep(ax: Any, runs: list[dict[str, Any]], key: str, others: list[str]
 
 def _plot_curves(ax: Any, rep: Report, max_curves: int) -> None:
     rows = [r for r in rep.rows if _finite(r)]
+    title = "test accuracy during training (mean ± std)"
     if len(rows) > max_curves:
+        title = f"test accuracy during training, best {max_curves} of {len(rows)} rows"
         rows = sort_rows(rows, "test_accuracy")[:max_curves]
+    named = varying_keys(rows, rep.columns) or rep.columns  # label by what differs among the curves
     for row in rows:
         by_iter: dict[float, list[float]] = {}
         for run in row["runs"]:
@@ -704,7 +734,7 @@ def _plot_curves(ax: Any, rep: Report, max_curves: int) -> None:
         its = sorted(by_iter)
         stats = [_stats(by_iter[i]) for i in its]
         means = [m for m, _ in stats]
-        label = _label({c: row[c] for c in rep.columns}) + f" (n={row['n']})"
+        label = _label({c: row[c] for c in named}) + f" (n={row['n']})"
         (line,) = ax.plot(its, means, marker=".", label=label)
         if row["n"] > 1:
             lo = [m - (s or 0.0) for m, s in stats]
@@ -712,7 +742,9 @@ def _plot_curves(ax: Any, rep: Report, max_curves: int) -> None:
             ax.fill_between(its, lo, hi, color=line.get_color(), alpha=0.2)
     ax.set_xlabel("iteration")
     ax.set_ylabel("test accuracy %")
-    ax.set_title("test accuracy during training (mean ± std)", fontsize=10)
+    ax.set_title(title, fontsize=10)
     ax.grid(True, alpha=0.3)
     if ax.lines:
-        ax.legend(fontsize=8)
+        long = max(len(line.get_label()) for line in ax.lines) > 32
+        # long labels go under the plot, where they cannot hide the curves
+        ax.legend(fontsize=8, **({"loc": "upper center", "bbox_to_anchor": (0.5, -0.14)} if long else {}))

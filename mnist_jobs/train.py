@@ -9,6 +9,9 @@ optional callback (the CLI draws a rich bar with it) or, without one, to plain l
 
 from __future__ import annotations
 
+import io
+import json
+import shutil
 import time
 import traceback
 from collections.abc import Callable
@@ -22,11 +25,12 @@ from torch.nn import functional as F
 
 from . import data as mnist_data
 from .config import TrainConfig
-from .device import device_name, select_device, synchronize
+from .device import SINGLE, DistInfo, all_reduce_sum, device_name, process_group, rank_device, synchronize
 from .models import build_model
 from .results import (
     RESULT_KIND,
     SCHEMA_VERSION,
+    atomic_write_bytes,
     atomic_write_json,
     environment,
     slurm_environment,
@@ -65,19 +69,31 @@ def make_optimizer(config: TrainConfig, params) -> torch.optim.Optimizer:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
-    """(accuracy in percent, mean cross-entropy) over a whole split."""
+def evaluate(
+    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, dist: DistInfo = SINGLE
+) -> tuple[float, float]:
+    """(accuracy in percent, mean cross-entropy) over a whole split; sharded over ranks under DDP."""
     was_training = model.training
     model.eval()
-    correct = torch.zeros((), dtype=torch.int64, device=x.device)
+    if dist.distributed:
+        x, y = x.tensor_split(dist.world_size)[dist.rank], y.tensor_split(dist.world_size)[dist.rank]
+    correct = torch.zeros((), dtype=torch.float64, device=x.device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=x.device)
     for xs, ys in zip(x.split(EVAL_CHUNK), y.split(EVAL_CHUNK)):
         logits = model(xs)
         loss_sum += F.cross_entropy(logits, ys, reduction="sum").double()
         correct += (logits.argmax(1) == ys).sum()
+    n = torch.tensor(float(len(y)), dtype=torch.float64, device=x.device)
+    all_reduce_sum(correct, loss_sum, n)
     model.train(was_training)
-    n = len(y)
-    return 100.0 * correct.item() / n, loss_sum.item() / n
+    return 100.0 * correct.item() / n.item(), loss_sum.item() / n.item()
+
+
+def save_weights(model: torch.nn.Module, path: Path) -> None:
+    """The final weights beside the result (state_dict, atomically written)."""
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def new_record(config: TrainConfig, run_id: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -116,106 +132,154 @@ def train(
     data_dir: Path | str | None = None,
     progress: ProgressFn | None = None,
     extra: dict[str, Any] | None = None,
+    dist: DistInfo = SINGLE,
 ) -> dict[str, Any]:
-    """Train one model as `config` says, write its JSON result, return it."""
+    """Train one model as `config` says, write its JSON result (rank 0 only), return it."""
     run_id = run_id or default_run_id(config)
     path = result_path(results_dir, run_id)
     record = new_record(config, run_id, extra)
     history: list[dict[str, Any]] = []
     t_start = time.perf_counter()
     try:
-        _run(config, record, history, data_dir, progress, t_start)
+        _run(config, record, history, data_dir, progress, t_start, dist, path)
         record["status"] = "completed"
     except BaseException as e:
         record["status"] = "failed"
         record["error"] = error_info(e)
         record["metrics"].setdefault("history", history)
+        if dist.distributed:
+            _share_rank_error(path, dist, record)
         raise
     finally:
         record["finished_at"] = utc_now()
         record["timings"]["total_s"] = round(time.perf_counter() - t_start, 4)
-        atomic_write_json(path, record)
+        if dist.is_main:
+            atomic_write_json(path, record)
         record["result_path"] = str(path)
     return record
 
 
-def _run(config, record, history, data_dir, progress, t_start) -> None:
+def _share_rank_error(path: Path, dist: DistInfo, record: dict[str, Any]) -> None:
+    """A failing rank leaves its error beside the result; rank 0 (which typically fails later, on a
+    collective timeout) reports the first real error of any rank in the job's record."""
+    errors = path.with_name(f".{path.stem}.rank-errors")
+    if not dist.is_main:
+        atomic_write_json(errors / f"rank{dist.rank}.json", {"rank": dist.rank, **record["error"]})
+        return
+    time.sleep(1.0)  # let a crashing peer finish writing
+    peers = sorted(errors.glob("rank*.json")) if errors.is_dir() else []
+    if peers:
+        first = json.loads(peers[0].read_text())
+        record["error"] = {
+            **first,
+            "message": f"rank {first['rank']}: {first['message']}",
+            "rank0_error": record["error"]["message"],
+        }
+    shutil.rmtree(errors, ignore_errors=True)
+
+
+def _run(config, record, history, data_dir, progress, t_start, dist, path) -> None:
     # -- where, and with which randomness
-    device = select_device(config.device)
+    device = rank_device(config.device, dist)
+    if dist.distributed and config.batch_size < dist.world_size:
+        raise ValueError(f"--batch-size {config.batch_size} is smaller than the world size {dist.world_size}")
     record["env"].update(
         device=str(device),
         device_name=device_name(device),
         cuda=torch.version.cuda if device.type == "cuda" else None,
         torch_threads=torch.get_num_threads(),
     )
-    torch.manual_seed(config.seed)
+    torch.manual_seed(config.seed)  # same seed on every rank: same init, same batch order
     shuffle_gen = torch.Generator().manual_seed(config.seed)
 
-    # -- data, decoded once and kept on the device
-    ds = mnist_data.load(data_dir, device=device)
-    synchronize(device)
-    data_load_s = time.perf_counter() - t_start
+    with process_group(dist, device) as backend:
+        record["distributed"] = {
+            "world_size": dist.world_size,
+            "backend": backend,
+            "nodes": dist.nodes,
+            "tasks_per_node": dist.local_world_size,
+        }
+        # -- data, decoded once and kept on the device
+        ds = mnist_data.load(data_dir, device=device)
+        synchronize(device)
+        data_load_s = time.perf_counter() - t_start
 
-    # -- model and optimizer
-    model = build_model(config.model).to(device)
-    optimizer = make_optimizer(config, model.parameters())
+        # -- model and optimizer (DDP: the same model, wrapped; gradients are all-reduced)
+        model = build_model(config.model).to(device)
+        net = model
+        if dist.distributed:
+            from torch.nn.parallel import DistributedDataParallel as DDP
 
-    # -- the loop
-    train_s = eval_s = 0.0
-    loss_sum = torch.zeros((), device=device)
-    loss_count = 0
-    batches: list[torch.Tensor] = []
-    it = 0
-    t_loop = time.perf_counter()
-    while it < config.iters:
-        if not batches:
-            batches = mnist_data.epoch_batches(len(ds.train_y), config.batch_size, shuffle_gen, device)
-            batches.reverse()  # pop() from the end = batches in permutation order
-        idx = batches.pop()
-        x, y = ds.train_x.index_select(0, idx), ds.train_y.index_select(0, idx)
-        loss = F.cross_entropy(model(x), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        it += 1
-        loss_sum += loss.detach()
-        loss_count += 1
+            net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+        optimizer = make_optimizer(config, model.parameters())
+        log = (progress is not None or not dist.is_main) and dist.is_main
 
-        is_eval = it % config.eval_every == 0 or it == config.iters
-        if is_eval or (progress is not None and it % 25 == 0):
-            train_loss = (loss_sum / loss_count).item()
-        if is_eval:
-            synchronize(device)
-            t_eval = time.perf_counter()
-            train_s += t_eval - t_loop
-            acc, test_loss = evaluate(model, ds.test_x, ds.test_y)
-            history.append(
-                {
-                    "iteration": it,
-                    "epoch": round(it / config.iters_per_epoch, 4),
-                    "train_loss": round(train_loss, 6),
-                    "test_loss": round(test_loss, 6),
-                    "test_accuracy": round(acc, 4),
-                }
-            )
-            loss_sum.zero_()
-            loss_count = 0
-            if progress is not None:
-                progress(Progress(it, config.iters, train_loss, acc))
+        # -- the loop
+        train_s = eval_s = 0.0
+        loss_sum = torch.zeros((), device=device)
+        loss_count = 0
+        batches: list[torch.Tensor] = []
+        it = 0
+        t_loop = time.perf_counter()
+        while it < config.iters:
+            if not batches:
+                batches = mnist_data.epoch_batches(len(ds.train_y), config.batch_size, shuffle_gen, device)
+                batches.reverse()  # pop() from the end = batches in permutation order
+            idx = batches.pop()
+            if dist.distributed:
+                # This rank's share of the global batch; the loss is normalised by the global batch
+                # (DDP averages over ranks), so the update equals the single-process one.
+                shard = idx[dist.rank :: dist.world_size]
+                x, y = ds.train_x.index_select(0, shard), ds.train_y.index_select(0, shard)
+                loss = F.cross_entropy(net(x), y, reduction="sum") * (dist.world_size / len(idx))
             else:
-                print(
-                    f"iter {it}/{config.iters}  train_loss {train_loss:.4f}  "
-                    f"test_loss {test_loss:.4f}  test_acc {acc:.2f}%",
-                    flush=True,
+                x, y = ds.train_x.index_select(0, idx), ds.train_y.index_select(0, idx)
+                loss = F.cross_entropy(net(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            it += 1
+            loss_sum += loss.detach()
+            loss_count += 1
+
+            is_eval = it % config.eval_every == 0 or it == config.iters
+            if is_eval:
+                synchronize(device)
+                t_eval = time.perf_counter()
+                train_s += t_eval - t_loop
+                all_reduce_sum(loss_sum)
+                train_loss = (loss_sum / (loss_count * dist.world_size)).item()
+                acc, test_loss = evaluate(model, ds.test_x, ds.test_y, dist)
+                history.append(
+                    {
+                        "iteration": it,
+                        "epoch": round(it / config.iters_per_epoch, 4),
+                        "train_loss": round(train_loss, 6),
+                        "test_loss": round(test_loss, 6),
+                        "test_accuracy": round(acc, 4),
+                    }
                 )
-            t_loop = time.perf_counter()
-            eval_s += t_loop - t_eval
-        elif progress is not None and it % 25 == 0:
-            progress(Progress(it, config.iters, train_loss))
-    synchronize(device)
-    train_s += time.perf_counter() - t_loop
+                loss_sum.zero_()
+                loss_count = 0
+                if progress is not None and dist.is_main:
+                    progress(Progress(it, config.iters, train_loss, acc))
+                elif dist.is_main:
+                    print(
+                        f"iter {it}/{config.iters}  train_loss {train_loss:.4f}  "
+                        f"test_loss {test_loss:.4f}  test_acc {acc:.2f}%",
+                        flush=True,
+                    )
+                t_loop = time.perf_counter()
+                eval_s += t_loop - t_eval
+            elif log and it % 25 == 0 and not dist.distributed:
+                progress(Progress(it, config.iters, (loss_sum / loss_count).item()))
+        synchronize(device)
+        train_s += time.perf_counter() - t_loop
+        if dist.is_main:
+            save_weights(model, path.with_suffix(".pt"))
 
     final = history[-1]
+    record["model_path"] = str(path.with_suffix(".pt"))
     record["metrics"] = {
         "test_accuracy": final["test_accuracy"],
         "test_loss": final["test_loss"],

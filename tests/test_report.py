@@ -33,6 +33,7 @@ def sweep_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from mnist_jobs.train import train
 
     root = tmp_path_factory.mktemp("results") / "lr-study"
+    root.mkdir()
     real_load, cache = mnist_data.load, {}
 
     def cached_load(data_dir=None, *, device="cpu"):
@@ -113,12 +114,14 @@ def test_lr_by_seed_sweep_gives_one_row_per_lr_with_mean_std_and_n(sweep_dir, re
         assert f"{statistics.mean(a):.2f} ± {statistics.stdev(a):.2f}" in text
         losses = [results[run_id(lr, s)]["metrics"]["test_loss"] for s in SEEDS]
         assert f"{statistics.mean(losses):.4f} ± {statistics.stdev(losses):.4f}" in text
-    assert "same for all: model=logreg  optimizer=sgd" in text
+    words = " ".join(text.split())  # the caption wraps at the table's width
+    assert "same for all: model=logreg optimizer=sgd" in words
+    assert "iters=30 eval_every=10 device=cpu world_size=1" in words  # constants: caption, not columns
     assert "mean ± std over seed" in text
     assert "6 completed" in text
     header = next(line for line in text.splitlines() if "test acc %" in line)
-    assert "seed" not in header and "momentum" not in header and "epochs" not in header
-    assert "device" in header and "world" in header and "status" in header
+    for name in ("seed", "momentum", "epochs", "device", "world", "status"):
+        assert name not in header
 
 
 def test_best_row_is_highlighted(sweep_dir, results):
@@ -295,6 +298,8 @@ def test_failed_running_and_pending_runs_are_counted_and_listed_with_all(folder,
     assert [r["run_ids"] for r in listed.other_rows] == [["crashed"], ["queued"], ["still-going"]]
     text = render(rep.build_table(listed))
     assert "failed: CUDA OOM" in text and "pending (job 7_7)" in text
+    header = next(line for line in text.splitlines() if "test acc %" in line)
+    assert "status" in header and "device" not in header  # a pending run's device is not known yet
     assert listed.columns == ["lr"] and [r["lr"] for r in listed.other_rows] == [0.01, 1.0, 0.01]
     doc = json.loads(cli(folder, "--all", "--format", "json").stdout)
     assert sorted(rid for row in doc["rows"] for rid in row["run_ids"]) == sorted(
@@ -316,7 +321,13 @@ def test_device_is_where_it_ran_and_world_size_splits_rows(folder, results):
         (0.1, 1, 4),
         (0.1, 2, 1),
     ]
+    header = next(line for line in render(rep.build_table(report)).splitlines() if "test acc %" in line)
+    assert "world" in header and "device" not in header
     assert len(rep.make_report(folder, filters=["world_size=2"]).rows) == 1
+    write_result(folder, template, "gpu", env={**template["env"], "device": "cuda:1"}, config__seed=9)
+    on_gpu = rep.make_report(folder, filters=["device=cuda"], group=False)
+    assert [r["run_ids"] for r in on_gpu.rows] == [["gpu"]] and on_gpu.rows[0]["device"] == "cuda:1"
+    assert rep.make_report(folder, filters=["device!=cuda"]).counts["completed"] == 8
 
 
 def test_empty_folder(tmp_path):

@@ -33,8 +33,8 @@ def test_result_schema(tmp_path):
     assert {"data_load_s", "train_s", "eval_s", "total_s", "samples_per_s"} <= set(t)
     assert t["total_s"] >= t["train_s"] > 0
     e = data["env"]
-    assert (
-        e["device"] == "cpu" and e["torch"] == torch.__version__.split("+")[0] or e["torch"].startswith("2.")
+    assert (e["device"] == "cpu" and e["torch"] == torch.__version__.split("+")[0]) or e["torch"].startswith(
+        "2."
     )
     for key in ("torchvision", "submitit", "python", "hostname", "git_sha"):
         assert key in e

@@ -1,0 +1,112 @@
+"""DistributedDataParallel on CPU (gloo): 2 processes give the 1-process answer."""
+
+import json
+import multiprocessing as mp
+import os
+import time
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from mnist_jobs.cli import app
+from mnist_jobs.config import TrainConfig
+from mnist_jobs.device import DistInfo, free_port
+from mnist_jobs.train import train
+
+runner = CliRunner()
+ARGS = [
+    "--lr",
+    "0.05",
+    "--momentum",
+    "0.9",
+    "--batch-size",
+    "100",
+    "--iters",
+    "200",
+    "--eval-every",
+    "100",
+    "--seed",
+    "7",
+    "--device",
+    "cpu",
+]
+
+
+def test_two_processes_match_one_through_submitit_local(tmp_path):
+    res = runner.invoke(
+        app, ["train", *ARGS, "--tasks-per-node", "2", "--results-dir", str(tmp_path / "ddp")]
+    )
+    assert res.exit_code == 0, res.output
+    [ddp_json] = (tmp_path / "ddp").glob("*/logreg-*.json")
+    ddp = json.loads(ddp_json.read_text())
+    assert ddp["status"] == "completed"
+    assert ddp["distributed"] == {"world_size": 2, "backend": "gloo", "nodes": 1, "tasks_per_node": 2}
+
+    cfg = TrainConfig(lr=0.05, momentum=0.9, batch_size=100, iters=200, eval_every=100, seed=7, device="cpu")
+    single = train(cfg, results_dir=tmp_path / "one", run_id="one")
+    assert single["distributed"]["world_size"] == 1
+    assert abs(ddp["metrics"]["test_accuracy"] - single["metrics"]["test_accuracy"]) <= 0.1
+    w_ddp = torch.load(ddp_json.with_suffix(".pt"))
+    w_one = torch.load(tmp_path / "one" / "one.pt")
+    for k in w_one:
+        torch.testing.assert_close(w_ddp[k], w_one[k], rtol=1e-4, atol=1e-5)
+    # only rank 0 wrote: one result, one weights file
+    assert len(list((tmp_path / "ddp").glob("*/*.json"))) == 2  # result + sweep.json
+
+
+def _rank(rank: int, port: int, results: str, data_dirs: list[str | None]) -> None:
+    os.environ["MNIST_JOBS_DIST_TIMEOUT_S"] = "8"
+    torch.set_num_threads(1)
+    dist = DistInfo(rank=rank, local_rank=rank, world_size=2, local_world_size=2, master_port=port)
+    cfg = TrainConfig(iters=50, eval_every=25, device="cpu")
+    try:
+        train(cfg, results_dir=results, run_id="crash", data_dir=data_dirs[rank], dist=dist)
+    except BaseException:
+        os._exit(1)
+    os._exit(0)
+
+
+def test_a_crashing_rank_fails_the_job_with_its_error(tmp_path, data_copy):
+    """Rank 1 reads a corrupt copy of the data and dies; rank 0 must not hang, and its failed record
+    names rank 1's error."""
+    (data_copy / "MNIST" / "raw" / "train-labels-idx1-ubyte.gz").write_bytes(b"corrupt")
+    ctx = mp.get_context("spawn")
+    port = free_port()
+    procs = [ctx.Process(target=_rank, args=(r, port, str(tmp_path), [None, str(data_copy)])) for r in (0, 1)]
+    t0 = time.monotonic()
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    assert all(p.exitcode == 1 for p in procs), [p.exitcode for p in procs]
+    assert time.monotonic() - t0 < 120
+    rec = json.loads((tmp_path / "crash.json").read_text())
+    assert rec["status"] == "failed"
+    assert rec["error"]["message"].startswith("rank 1: ")
+    assert "train-labels-idx1-ubyte.gz is corrupt" in rec["error"]["message"]
+    assert not list(tmp_path.glob(".crash.rank-errors*"))
+
+
+def test_local_executor_refuses_several_nodes(tmp_path):
+    res = runner.invoke(app, ["train", "--nodes", "2", "--executor", "local", "--results-dir", str(tmp_path)])
+    assert res.exit_code == 2 and "needs SLURM" in res.output
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA error path")
+def test_more_tasks_than_gpus_is_refused_before_start(tmp_path):
+    res = runner.invoke(
+        app,
+        [
+            "train",
+            "--device",
+            "cuda",
+            "--tasks-per-node",
+            "2",
+            "--executor",
+            "local",
+            "--results-dir",
+            str(tmp_path),
+        ],
+    )
+    assert res.exit_code == 2 and "CUDA is not available" in res.output
