@@ -106,6 +106,7 @@ def environment() -> dict[str, Any]:
         "hostname": socket.gethostname(),
         "platform": platform.platform(),
         "argv": sys.argv,
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
         **git_info(),
     }
 

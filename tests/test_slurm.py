@@ -1,0 +1,255 @@
+"""Integration tests on a REAL one-node SLURM cluster (slurm/cluster.sh: munged, MariaDB, slurmdbd,
+slurmctld, slurmd, two fake GPUs). Started once per session, stopped at the end, pass or fail.
+
+Outside CI the tests skip when the cluster cannot be started (not root, no apt); in CI (CI=true) they
+fail instead, so they can never silently not run there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from mnist_jobs.cli import app
+from mnist_jobs.launch import max_array_size, read_manifest, run_states
+
+pytestmark = pytest.mark.slurm
+REPO = Path(__file__).resolve().parent.parent
+CLUSTER = REPO / "slurm" / "cluster.sh"
+runner = CliRunner()
+FAST = ["--iters", "60", "--eval-every", "30", "--device", "cpu"]
+
+
+@pytest.fixture(scope="session")
+def cluster():
+    started = subprocess.run(["bash", str(CLUSTER), "start"], capture_output=True, text=True, timeout=600)
+    if started.returncode != 0:
+        msg = f"cannot start the SLURM test cluster:\n{started.stdout[-3000:]}\n{started.stderr[-3000:]}"
+        subprocess.run(["bash", str(CLUSTER), "stop"], capture_output=True, timeout=120)
+        if os.environ.get("CI"):
+            pytest.fail(msg)
+        pytest.skip(msg)
+    try:
+        yield
+    finally:
+        subprocess.run(["bash", str(CLUSTER), "stop"], capture_output=True, timeout=120)
+
+
+@pytest.fixture
+def results(tmp_path_factory) -> Path:
+    # Not under /tmp's pytest dir only for tidiness: the one-node cluster shares this filesystem.
+    return tmp_path_factory.mktemp("slurm-results")
+
+
+def wait_done(folder: Path, timeout_s: float = 240) -> list[dict]:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        rows = run_states(folder)
+        if rows and all(r["state"] in ("COMPLETED", "FAILED", "CANCELLED") for r in rows):
+            return rows
+        time.sleep(1.0)
+    raise AssertionError(f"sweep {folder.name} not done after {timeout_s}s: {run_states(folder)}")
+
+
+def sacct_state(job_id: str) -> str:
+    out = subprocess.run(
+        ["sacct", "-n", "-P", "-X", "-o", "State", "-j", job_id], capture_output=True, text=True
+    )
+    return out.stdout.split()[0] if out.stdout.split() else ""
+
+
+def test_sweep_on_slurm_end_to_end(cluster, results):
+    args = [
+        "sweep",
+        "--lr",
+        "0.001,0.01",
+        "--partition",
+        "gpu",
+        *FAST,
+        "--name",
+        "lr",
+        "--results-dir",
+        str(results),
+    ]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    manifest = read_manifest(results / "lr")
+    job_ids = [r["job_id"] for r in manifest["runs"].values()]
+    assert len({j.split("_")[0] for j in job_ids}) == 1  # one array
+    assert sorted(j.split("_")[1] for j in job_ids) == ["0", "1"]
+    rows = wait_done(results / "lr")
+    assert [r["state"] for r in rows] == ["COMPLETED", "COMPLETED"]
+    for run_id, info in manifest["runs"].items():
+        rec = json.loads((results / "lr" / f"{run_id}.json").read_text())
+        assert rec["status"] == "completed" and rec["sweep"] == "lr"
+        array_job, index = info["job_id"].split("_")
+        assert rec["slurm"]["array_job_id"] == array_job and rec["slurm"]["array_task_id"] == index
+        assert rec["slurm"]["partition"] == "gpu"
+        assert sacct_state(info["job_id"]) == "COMPLETED"
+    status = runner.invoke(app, ["status", "lr", "--results-dir", str(results)])
+    assert status.exit_code == 0 and status.output.count("COMPLETED") == 2
+    logs = runner.invoke(app, ["logs", "lr", "--results-dir", str(results)])
+    assert logs.exit_code == 0 and "test_acc" in logs.output
+
+    again = runner.invoke(app, args)  # resume: nothing left to submit
+    assert again.exit_code == 0 and "2 run(s) already completed: skipped" in again.output
+    assert "nothing to submit" in again.output
+    assert len(read_manifest(results / "lr")["submissions"]) == 1
+
+    local = runner.invoke(
+        app, ["sweep", "--lr", "0.001,0.01", *FAST, "--name", "lr", "--results-dir", str(results / "local")]
+    )
+    assert local.exit_code == 0 and "executor local" in local.output
+    assert read_manifest(results / "local" / "lr")["executor"] == "local"
+
+
+def test_cancel_a_long_job(cluster, results):
+    res = runner.invoke(
+        app,
+        [
+            "train",
+            "--iters",
+            "1000000",
+            "--device",
+            "cpu",
+            "--partition",
+            "gpu",
+            "--results-dir",
+            str(results),
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    [folder] = [p.parent for p in results.glob("*/sweep.json")]
+    deadline = time.monotonic() + 120
+    while run_states(folder)[0]["state"] != "RUNNING":
+        assert time.monotonic() < deadline, run_states(folder)
+        time.sleep(0.5)
+    out = runner.invoke(app, ["cancel", folder.name, "--results-dir", str(results)])
+    assert out.exit_code == 0 and "cancelled 1 job(s)" in out.output
+    job_id = run_states(folder)[0]["job_id"]
+    deadline = time.monotonic() + 60
+    while not sacct_state(job_id).startswith("CANCELLED"):
+        assert time.monotonic() < deadline, sacct_state(job_id)
+        time.sleep(0.5)
+    assert wait_done(folder, 60)[0]["state"] in ("CANCELLED", "FAILED")
+    out = runner.invoke(app, ["cancel", folder.name, "--results-dir", str(results)])
+    assert "nothing to cancel" in out.output
+
+
+def test_grid_larger_than_max_array_size_is_split(cluster, results):
+    limit = max_array_size()
+    assert limit and limit < 10, "the test cluster sets a small MaxArraySize"
+    n = limit + 2
+    seeds = ",".join(str(i) for i in range(n))
+    res = runner.invoke(
+        app,
+        [
+            "sweep",
+            "--seed",
+            seeds,
+            "--iters",
+            "10",
+            "--eval-every",
+            "10",
+            "--device",
+            "cpu",
+            "--partition",
+            "gpu",
+            "--name",
+            "split",
+            "--results-dir",
+            str(results),
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    arrays = {r["job_id"].split("_")[0] for r in read_manifest(results / "split")["runs"].values()}
+    assert len(arrays) == 2
+    rows = wait_done(results / "split", 300)
+    assert len(rows) == n and all(r["state"] == "COMPLETED" for r in rows)
+
+
+def test_ddp_job_runs_as_two_slurm_tasks(cluster, results):
+    res = runner.invoke(
+        app, ["train", *FAST, "--tasks-per-node", "2", "--partition", "gpu", "--results-dir", str(results)]
+    )
+    assert res.exit_code == 0, res.output
+    [folder] = [p.parent for p in results.glob("*/sweep.json")]
+    assert wait_done(folder)[0]["state"] == "COMPLETED"
+    [result] = [p for p in folder.glob("logreg-*.json")]
+    rec = json.loads(result.read_text())
+    assert rec["distributed"]["world_size"] == 2 and rec["distributed"]["backend"] == "gloo"
+    assert rec["slurm"]["ntasks"] == "2"
+
+
+def test_gpu_gres_jobs_see_their_gpus(cluster, results):
+    res = runner.invoke(
+        app,
+        [
+            "sweep",
+            "--seed",
+            "0,1",
+            *FAST,
+            "--partition",
+            "gpu",
+            "--gpus-per-node",
+            "1",
+            "--name",
+            "gres",
+            "--results-dir",
+            str(results),
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    wait_done(results / "gres")
+    seen = [
+        json.loads(p.read_text())["env"]["cuda_visible_devices"]
+        for p in (results / "gres").glob("logreg-*.json")
+    ]
+    assert all(s is not None for s in seen) and len(seen) == 2
+
+
+def test_sbatch_refusal_is_one_line_and_nothing_recorded(cluster, results):
+    res = runner.invoke(
+        app,
+        [
+            "sweep",
+            "--lr",
+            "0.1",
+            "--partition",
+            "nosuchpartition",
+            *FAST,
+            "--name",
+            "bad",
+            "--results-dir",
+            str(results),
+        ],
+    )
+    assert res.exit_code == 2
+    assert "sbatch" in res.output and "partition" in res.output.lower()
+    assert "Traceback" not in res.output
+    assert read_manifest(results / "bad") is None
+    res = runner.invoke(
+        app,
+        [
+            "sweep",
+            "--lr",
+            "0.1",
+            "--partition",
+            "gpu",
+            "--gpus-per-node",
+            "3",
+            *FAST,
+            "--name",
+            "bad2",
+            "--results-dir",
+            str(results),
+        ],
+    )
+    assert res.exit_code == 2 and "sbatch" in res.output
+    assert read_manifest(results / "bad2") is None
