@@ -64,6 +64,14 @@ def sacct_state(job_id: str) -> str:
     return out.stdout.split()[0] if out.stdout.split() else ""
 
 
+def wait_sacct(job_id: str, prefix: str, timeout_s: float = 60) -> None:
+    """The result file lands a moment before SLURM marks the job finished."""
+    deadline = time.monotonic() + timeout_s
+    while not sacct_state(job_id).startswith(prefix):
+        assert time.monotonic() < deadline, f"{job_id}: {sacct_state(job_id)}"
+        time.sleep(0.5)
+
+
 def test_sweep_on_slurm_end_to_end(cluster, results):
     args = [
         "sweep",
@@ -91,7 +99,7 @@ def test_sweep_on_slurm_end_to_end(cluster, results):
         array_job, index = info["job_id"].split("_")
         assert rec["slurm"]["array_job_id"] == array_job and rec["slurm"]["array_task_id"] == index
         assert rec["slurm"]["partition"] == "gpu"
-        assert sacct_state(info["job_id"]) == "COMPLETED"
+        wait_sacct(info["job_id"], "COMPLETED")
     status = runner.invoke(app, ["status", "lr", "--results-dir", str(results)])
     assert status.exit_code == 0 and status.output.count("COMPLETED") == 2
     logs = runner.invoke(app, ["logs", "lr", "--results-dir", str(results)])
@@ -132,11 +140,7 @@ def test_cancel_a_long_job(cluster, results):
         time.sleep(0.5)
     out = runner.invoke(app, ["cancel", folder.name, "--results-dir", str(results)])
     assert out.exit_code == 0 and "cancelled 1 job(s)" in out.output
-    job_id = run_states(folder)[0]["job_id"]
-    deadline = time.monotonic() + 60
-    while not sacct_state(job_id).startswith("CANCELLED"):
-        assert time.monotonic() < deadline, sacct_state(job_id)
-        time.sleep(0.5)
+    wait_sacct(run_states(folder)[0]["job_id"], "CANCELLED")
     assert wait_done(folder, 60)[0]["state"] in ("CANCELLED", "FAILED")
     out = runner.invoke(app, ["cancel", folder.name, "--results-dir", str(results)])
     assert "nothing to cancel" in out.output
