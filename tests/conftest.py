@@ -1,12 +1,15 @@
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 RAW = REPO / "data" / "MNIST" / "raw"
+CLUSTER = REPO / "slurm" / "cluster.sh"
 
 
 @pytest.fixture
@@ -17,3 +20,31 @@ def data_copy(tmp_path: Path) -> Path:
     for gz in RAW.glob("*.gz"):
         shutil.copy(gz, raw / gz.name)
     return tmp_path / "data"
+
+
+@pytest.fixture(scope="session")
+def cluster():
+    """The real one-node SLURM cluster, started once per session and stopped at the end."""
+    started = subprocess.run(["bash", str(CLUSTER), "start"], capture_output=True, text=True, timeout=600)
+    if started.returncode != 0:
+        msg = f"cannot start the SLURM test cluster:\n{started.stdout[-3000:]}\n{started.stderr[-3000:]}"
+        subprocess.run(["bash", str(CLUSTER), "stop"], capture_output=True, timeout=120)
+        if os.environ.get("CI"):
+            pytest.fail(msg)
+        pytest.skip(msg)
+    try:
+        yield
+    finally:
+        subprocess.run(["bash", str(CLUSTER), "stop"], capture_output=True, timeout=120)
+
+
+@pytest.fixture
+def results(tmp_path_factory) -> Path:
+    # Not under /tmp's pytest dir only for tidiness: the one-node cluster shares this filesystem.
+    return tmp_path_factory.mktemp("slurm-results")
+
+
+@pytest.fixture
+def results(tmp_path_factory) -> Path:
+    """A results folder for SLURM jobs (the one-node cluster shares this filesystem)."""
+    return tmp_path_factory.mktemp("slurm-results")

@@ -8,7 +8,6 @@ fail instead, so they can never silently not run there.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import time
 from pathlib import Path
@@ -20,31 +19,8 @@ from mnist_jobs.cli import app
 from mnist_jobs.launch import max_array_size, read_manifest, run_states
 
 pytestmark = pytest.mark.slurm
-REPO = Path(__file__).resolve().parent.parent
-CLUSTER = REPO / "slurm" / "cluster.sh"
 runner = CliRunner()
 FAST = ["--iters", "60", "--eval-every", "30", "--device", "cpu"]
-
-
-@pytest.fixture(scope="session")
-def cluster():
-    started = subprocess.run(["bash", str(CLUSTER), "start"], capture_output=True, text=True, timeout=600)
-    if started.returncode != 0:
-        msg = f"cannot start the SLURM test cluster:\n{started.stdout[-3000:]}\n{started.stderr[-3000:]}"
-        subprocess.run(["bash", str(CLUSTER), "stop"], capture_output=True, timeout=120)
-        if os.environ.get("CI"):
-            pytest.fail(msg)
-        pytest.skip(msg)
-    try:
-        yield
-    finally:
-        subprocess.run(["bash", str(CLUSTER), "stop"], capture_output=True, timeout=120)
-
-
-@pytest.fixture
-def results(tmp_path_factory) -> Path:
-    # Not under /tmp's pytest dir only for tidiness: the one-node cluster shares this filesystem.
-    return tmp_path_factory.mktemp("slurm-results")
 
 
 def wait_done(folder: Path, timeout_s: float = 240) -> list[dict]:
