@@ -42,9 +42,3 @@ def cluster():
 def results(tmp_path_factory) -> Path:
     # Not under /tmp's pytest dir only for tidiness: the one-node cluster shares this filesystem.
     return tmp_path_factory.mktemp("slurm-results")
-
-
-@pytest.fixture
-def results(tmp_path_factory) -> Path:
-    """A results folder for SLURM jobs (the one-node cluster shares this filesystem)."""
-    return tmp_path_factory.mktemp("slurm-results")
