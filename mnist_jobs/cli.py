@@ -33,7 +33,7 @@ class _OneLineErrors(TyperGroup):
                 raise
             typer.echo(f"Error: {e.format_message()}", err=True)
             sys.exit(e.exit_code)
-        except click_exc.Abort:
+        except typer.Abort:
             if not standalone_mode:
                 raise
             typer.echo("Aborted.", err=True)
@@ -487,7 +487,7 @@ def _print_dry_run(console, configs, run_ids, values, folder, name, slurm, v, ki
     console.print(table)
     n_tasks = -(-len(configs) // v["pack"])
     if kind == "slurm":
-        ex = slurm_executor(folder / LOG_DIR, name, slurm, v["max_parallel"])
+        ex = slurm_executor(folder / LOG_DIR, name, slurm, v["max_parallel"], dry_run=True)
         limit = max_array_size()
         per = min(n_tasks, limit) if limit else n_tasks
         if limit and n_tasks > limit:
@@ -499,7 +499,10 @@ def _print_dry_run(console, configs, run_ids, values, folder, name, slurm, v, ki
 def _submit(console, name, folder, tasks, groups, values, slurm, v, by_id) -> None:
     from .launch import LOG_DIR, LaunchError, max_array_size, record_submission, slurm_executor, submit_slurm
 
-    ex = slurm_executor(folder / LOG_DIR, name, slurm, v["max_parallel"])
+    try:
+        ex = slurm_executor(folder / LOG_DIR, name, slurm, v["max_parallel"])
+    except LaunchError as e:
+        fail(str(e))
     limit = max_array_size()
     try:
         job_chunks = submit_slurm(ex, tasks, limit)

@@ -187,10 +187,21 @@ class TrainTask:
 # ---- executors ---------------------------------------------------------------------------------
 
 
-def slurm_executor(folder: Path, name: str, slurm: SlurmConfig, max_parallel: int | None):
+def slurm_executor(
+    folder: Path, name: str, slurm: SlurmConfig, max_parallel: int | None, *, dry_run: bool = False
+):
+    """submitit's SlurmExecutor with our parameters. `dry_run` works without SLURM installed (to print
+    the sbatch script on a laptop); otherwise a machine without srun is a LaunchError."""
     import submitit
 
-    ex = submitit.SlurmExecutor(folder=folder, max_num_timeout=3)
+    cls = _DryRunSlurmExecutor() if dry_run else submitit.SlurmExecutor
+    try:
+        ex = cls(folder=folder, max_num_timeout=3)
+    except RuntimeError as e:  # submitit: 'Could not detect "srun"'
+        raise LaunchError(
+            f"SLURM not found on this machine ({e}); submit from a login node, or drop the SLURM "
+            "options to run here"
+        ) from None
     params: dict[str, Any] = {
         "job_name": name,
         "time": slurm.time_min,
@@ -222,6 +233,19 @@ def _sbatch_mem(mem_gb: float | None) -> str | None:
     if mem_gb is None:
         return None
     return f"{int(mem_gb)}G" if float(mem_gb).is_integer() else f"{round(mem_gb * 1024)}M"
+
+
+def _DryRunSlurmExecutor():  # a class factory, so submitit is imported lazily
+    import submitit
+
+    class DryRunSlurmExecutor(submitit.SlurmExecutor):
+        """Renders the same sbatch text; skips submitit's check that srun exists."""
+
+        @classmethod
+        def affinity(cls) -> int:
+            return 1
+
+    return DryRunSlurmExecutor
 
 
 def sbatch_text(executor, n_tasks: int) -> str:

@@ -202,3 +202,25 @@ def test_status_and_logs_of_unknown_sweep(tmp_path):
     assert res.exit_code == 2 and "no sweep named 'nope'" in res.output
     res = runner.invoke(app, ["status", "--results-dir", str(tmp_path)])
     assert res.exit_code == 0
+
+
+def test_dry_run_and_submit_without_slurm_installed(tmp_path, monkeypatch):
+    """A laptop: no srun/sbatch on PATH. --dry-run still prints the script; submitting is one clear line."""
+    monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))
+    args = [
+        "sweep",
+        "--lr",
+        "0.001,0.01",
+        "--partition",
+        "gpu",
+        "--name",
+        "lr-study",
+        "--results-dir",
+        str(tmp_path),
+    ]
+    res = runner.invoke(app, [*args, "--dry-run"])
+    assert res.exit_code == 0, res.output
+    assert "#SBATCH --partition=gpu" in res.output and "#SBATCH --array=0-1%2" in res.output
+    res = runner.invoke(app, args)
+    assert res.exit_code == 2 and "SLURM not found on this machine" in res.output
+    assert "Traceback" not in res.output and not (tmp_path / "lr-study" / "sweep.json").exists()
