@@ -389,6 +389,7 @@ def _launch(configs, values, v: dict[str, Any], slurm, *, name: str | None) -> N
         fail(f"--max-parallel must be >= 1 (got {v['max_parallel']})")
     if kind != "slurm" and slurm.nodes > 1:
         fail(f"--nodes {slurm.nodes} needs SLURM; the local executor runs on one node")
+    _check_gpus_for_tasks(configs, slurm, kind)
     run_ids = [sweep_run_id(c) for c in configs]
     name = name or default_sweep_name(run_ids)
     if not name or "/" in name or name.startswith("."):
@@ -425,6 +426,29 @@ def _launch(configs, values, v: dict[str, Any], slurm, *, name: str | None) -> N
         _submit(console, name, folder, tasks, groups, values, slurm, v, by_id)
     else:
         _run_here(console, name, folder, tasks, groups, values, slurm, v, by_id, kind)
+
+
+def _check_gpus_for_tasks(configs, slurm, kind: str) -> None:
+    """DDP on CUDA puts one rank per GPU: refuse more tasks per node than GPUs before anything starts."""
+    from .launch import local_gpu_count
+
+    for c in configs:
+        wants_cuda = c.device.startswith("cuda")
+        if kind == "slurm":
+            if wants_cuda and slurm.gpus_per_node == 0:
+                fail(f"--device {c.device} on SLURM needs --gpus-per-node")
+            if (wants_cuda or c.device == "auto") and 0 < slurm.gpus_per_node < slurm.tasks_per_node:
+                fail(
+                    f"--tasks-per-node {slurm.tasks_per_node} > --gpus-per-node {slurm.gpus_per_node}: "
+                    "DDP on CUDA runs one task per GPU"
+                )
+        elif slurm.tasks_per_node > 1:
+            gpus = local_gpu_count()
+            if (wants_cuda or (c.device == "auto" and gpus)) and slurm.tasks_per_node > gpus:
+                fail(
+                    f"--tasks-per-node {slurm.tasks_per_node} with --device {c.device} needs "
+                    f"{slurm.tasks_per_node} GPUs; this machine has {gpus}"
+                )
 
 
 def _preflight_common(data_dir: Path | None, results_dir: Path) -> None:

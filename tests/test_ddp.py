@@ -109,4 +109,29 @@ def test_more_tasks_than_gpus_is_refused_before_start(tmp_path):
             str(tmp_path),
         ],
     )
-    assert res.exit_code == 2 and "CUDA is not available" in res.output
+    assert res.exit_code == 2 and "needs 2 GPUs; this machine has 0" in res.output
+
+
+def test_more_tasks_than_gpus_on_slurm_is_refused_before_submission(tmp_path):
+    res = runner.invoke(
+        app,
+        [
+            "train",
+            "--device",
+            "cuda",
+            "--tasks-per-node",
+            "4",
+            "--gpus-per-node",
+            "2",
+            "--partition",
+            "gpu",
+            "--results-dir",
+            str(tmp_path),
+        ],
+    )
+    assert res.exit_code == 2 and "--tasks-per-node 4 > --gpus-per-node 2" in res.output
+    res = runner.invoke(
+        app, ["train", "--device", "cuda", "--partition", "gpu", "--results-dir", str(tmp_path)]
+    )
+    assert res.exit_code == 2 and "needs --gpus-per-node" in res.output
+    assert not list(tmp_path.rglob("*.json"))
