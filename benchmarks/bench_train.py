@@ -31,6 +31,7 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=3000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="device for ours (the tutorial always runs on CPU)")
+    p.add_argument("--repeat", type=int, default=3, help="runs of each pipeline; medians are reported")
     args = p.parse_args()
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cpus")
@@ -42,14 +43,29 @@ def main() -> None:
         seed=args.seed,
         device=args.device,
     )
-    base = tutorial_train(
-        model=args.model, lr=args.lr, momentum=args.momentum, iters=args.iters, seed=args.seed
+    bases, ours_runs = [], []
+    for _ in range(args.repeat):  # interleaved, so background load hits both alike
+        bases.append(
+            tutorial_train(
+                model=args.model, lr=args.lr, momentum=args.momentum, iters=args.iters, seed=args.seed
+            )
+        )
+        with tempfile.TemporaryDirectory() as tmp:
+            t0 = time.perf_counter()
+            r = train(cfg, results_dir=tmp, progress=lambda p: None)
+            r["wall_s"] = time.perf_counter() - t0
+            r["loop_s"] = r["timings"]["train_s"] + r["timings"]["eval_s"]
+            ours_runs.append(r)
+    base = sorted(bases, key=lambda b: b["loop_s"])[len(bases) // 2]
+    ours = sorted(ours_runs, key=lambda r: r["loop_s"])[len(ours_runs) // 2]
+    ours_loop, ours_wall = ours["loop_s"], ours["wall_s"]
+    print(
+        "tutorial loop s:",
+        " ".join(f"{b['loop_s']:.3f}" for b in bases),
+        "| ours loop s:",
+        " ".join(f"{r['loop_s']:.3f}" for r in ours_runs),
+        "(medians below)",
     )
-    with tempfile.TemporaryDirectory() as tmp:
-        t0 = time.perf_counter()
-        ours = train(cfg, results_dir=tmp, progress=lambda p: None)
-        ours_wall = time.perf_counter() - t0
-    ours_loop = ours["timings"]["train_s"] + ours["timings"]["eval_s"]
     rows = [
         ("tutorial (DataLoader + ToTensor)", base["loop_s"], base["setup_s"], base["test_accuracy"]),
         (
