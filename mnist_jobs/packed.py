@@ -1,0 +1,709 @@
+"""Packed training: many small configurations of one model trained together in one process.
+
+    records = train_packed(configs, results_dir="results", run_ids=ids)
+
+The N models' parameters are stacked into (N, ...) tensors and trained in lockstep: the data is loaded
+once, each step gathers all N batches in one index, computes the N losses and gradients, and updates
+all N models with one set of batched (`torch._foreach_*`) optimizer calls. Each model keeps its own
+learning rate, momentum, weight decay and seed, and computes exactly what it would alone:
+
+* its initial weights are `torch.manual_seed(seed); build_model(name)`, as in `train`;
+* it draws its own batch order from `torch.Generator().manual_seed(seed)` via `data.epoch_batches`;
+* its loss is its own mean cross-entropy (the pack minimises the sum, so each gradient is the lone one);
+* the optimizer is torch.optim's single-tensor SGD / Adam, applied to each model's slice with that
+  model's hyperparameters, kernel call for kernel call;
+* the CNN's dropout noise is drawn per model by the same `F.dropout2d` / `F.dropout` calls, in the same
+  order and shapes, from the default generator set to that model's own RNG state (its lone run's
+  state after `build_model`, carried from step to step): the lone run's masks, on CPU and CUDA alike.
+
+How the maths is batched (see `_Pack`): by default on CPU ("exact") each model's GEMMs / convolutions
+are its lone run's own calls on its slice of the stacked parameters, everything else is batched; on
+GPUs (exact=False) the pack is one batched computation - baddbmm / bmm for logreg, `torch.func.vmap`
+over a functional copy of the CNN's forward (grouped convolutions, batched GEMMs).
+
+Result on CPU: logreg and CNN runs are bit-identical to lone runs (same history, to the last digit).
+On a GPU they match up to float rounding (and the GPU's own run-to-run nondeterminism), which
+training amplifies like any perturbation: a few tenths of a point early in training at high lr.
+
+Each run still gets its own ordinary result file (plus `packed_with` and `timings.pack_size`).
+No typer, rich or submitit in here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.nn import functional as F
+
+from . import data as mnist_data
+from .config import TEST_SIZE, TRAIN_SIZE, TrainConfig
+from .device import device_name, select_device, synchronize
+from .models import build_model
+from .results import atomic_write_json, utc_now
+from .train import EVAL_CHUNK, Progress, ProgressFn, error_info, new_record, result_path
+
+# Fields that must be equal within a pack (see `group_for_packing`):
+#   model       - one architecture: the parameters are stacked into (N, ...) tensors;
+#   batch_size  - the N batches are stacked into one (N, B, ...) tensor, and epochs line up;
+#   iters       - the models step in lockstep, all for the same number of steps;
+#   eval_every  - evaluations are batched over the pack, so they happen at the same iterations;
+#   optimizer   - one update rule over the stacked tensors (SGD and Adam keep different state);
+#   device      - one process, one device.
+# Per run (per-model optimizer calls, own RNG states): lr, momentum, weight_decay, seed.
+# `epochs` is not a key: it is resolved into `iters`, which is.
+PACK_KEYS: tuple[str, ...] = ("model", "optimizer", "batch_size", "iters", "eval_every", "device")
+PER_RUN_KEYS: tuple[str, ...] = ("lr", "momentum", "weight_decay", "seed")
+
+ADAM_BETAS = (0.9, 0.999)  # torch.optim.Adam defaults, as `train.make_optimizer` uses them
+ADAM_EPS = 1e-8
+DROPOUT_P = 0.5  # models.CNN: nn.Dropout2d() and F.dropout(), both p = 0.5
+EVAL_BUDGET_BYTES = 256 << 20  # activations of one batched evaluation pass, at most (1 sample/model min)
+MEMORY_HEADROOM = 0.9  # a pack may use this fraction of the available memory
+
+
+class PackError(ValueError):
+    """A pack that cannot run: configs that differ in a PACK_KEY, or one too big for the device."""
+
+
+# ---- grouping ----------------------------------------------------------------------------------
+
+
+def pack_key(config: TrainConfig) -> tuple[Any, ...]:
+    return tuple(getattr(config, k) for k in PACK_KEYS)
+
+
+def group_for_packing(configs: Sequence[TrainConfig], pack: int) -> list[list[int]]:
+    """Split `configs` into packs of at most `pack` runs that share every PACK_KEY.
+
+    Returns lists of indices into `configs`: ascending within a pack, packs ordered by their first
+    index. Runs with the same PACK_KEYS are split into ceil(count / pack) packs of near-equal size
+    (24 runs at --pack 10 give 8 + 8 + 8, not 10 + 10 + 4), so an array's tasks take about as long.
+    """
+    if isinstance(pack, bool) or not isinstance(pack, int) or pack < 1:
+        raise PackError(f"--pack must be an integer >= 1 (got {pack!r})")
+    by_key: dict[tuple[Any, ...], list[int]] = {}
+    for i, cfg in enumerate(configs):
+        by_key.setdefault(pack_key(cfg), []).append(i)
+    groups: list[list[int]] = []
+    for members in by_key.values():
+        k = -(-len(members) // pack)
+        size, extra = divmod(len(members), k)
+        start = 0
+        for j in range(k):
+            end = start + size + (1 if j < extra else 0)
+            groups.append(members[start:end])
+            start = end
+    groups.sort(key=lambda g: g[0])
+    return groups
+
+
+def check_same_pack_keys(configs: Sequence[TrainConfig]) -> None:
+    first = configs[0]
+    for cfg in configs[1:]:
+        for k in PACK_KEYS:
+            if getattr(cfg, k) != getattr(first, k):
+                raise PackError(
+                    f"runs in one pack must share {', '.join(PACK_KEYS)}; "
+                    f"got {k}={getattr(first, k)!r} and {k}={getattr(cfg, k)!r}"
+                )
+
+
+# ---- memory ------------------------------------------------------------------------------------
+
+
+def _model_sizes(name: str, batch_size: int) -> tuple[int, int]:
+    """(parameter count, bytes saved for backward per sample) of one model, traced on the meta device
+    (no memory, no RNG draws)."""
+    saved = 0
+
+    def pack_hook(t: torch.Tensor) -> torch.Tensor:
+        nonlocal saved
+        saved += t.numel() * t.element_size()
+        return t
+
+    with torch.device("meta"):
+        model = build_model(name)
+        n_params = sum(p.numel() for p in model.parameters())
+        x = torch.empty(batch_size, 1, 28, 28)
+        with torch.autograd.graph.saved_tensors_hooks(pack_hook, lambda t: t):
+            model(x)
+    return n_params, -(-saved // batch_size)
+
+
+def _dataset_bytes() -> int:
+    images = (TRAIN_SIZE + TEST_SIZE) * 28 * 28
+    return images * 4 + (TRAIN_SIZE + TEST_SIZE) * 8 + images  # floats, int64 labels, uint8 originals
+
+
+def _eval_sub_chunk(per_sample_bytes: int, n: int) -> int:
+    """Test images per vmapped evaluation pass: N models x that many images stay within the budget."""
+    return max(1, min(EVAL_CHUNK, EVAL_BUDGET_BYTES // max(1, n * per_sample_bytes)))
+
+
+def estimate_pack_bytes(config: TrainConfig, n: int) -> int:
+    """Peak memory of training `n` copies of `config`'s model together, in bytes (an upper estimate).
+
+    Shared: the dataset on the device. Per model: parameters, gradients, optimizer state and update
+    temporaries; the gathered batch; the activations saved for backward, counted three times (saved,
+    their gradients, vmap's layout copies).
+    Evaluation: EVAL_BUDGET_BYTES of activations (vmapped, one sample per model at least) or one
+    model's EVAL_CHUNK images (per model), whichever is more, plus the logits.
+    """
+    n_params, saved_per_sample = _model_sizes(config.model, config.batch_size)
+    state = 2 if config.optimizer == "adam" else 1
+    per_param = 4 * (1 + 1 + state + 2)
+    per_model = (
+        n_params * per_param
+        + config.batch_size * (28 * 28 * 4 + 8)  # gathered images and labels
+        + config.batch_size * saved_per_sample * 3
+    )
+    eval_act = max(EVAL_BUDGET_BYTES, n * saved_per_sample, EVAL_CHUNK * saved_per_sample)
+    eval_logits = n * EVAL_CHUNK * 10 * 4 * 2
+    return int(_dataset_bytes() + n * per_model + eval_act + eval_logits)
+
+
+def available_bytes(device: torch.device | str) -> int:
+    """Memory a pack may use now: free GPU memory on CUDA, else available RAM (within the cgroup's
+    limit, e.g. a SLURM allocation)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free)
+    return _available_ram()
+
+
+def _available_ram() -> int:
+    candidates: list[int] = []
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    candidates.append(int(line.split()[1]) * 1024)
+                    break
+    except OSError:
+        pass
+    if not candidates:
+        with contextlib.suppress(ValueError, OSError, AttributeError):
+            candidates.append(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    try:  # cgroup v2 limit (SLURM's --mem, containers)
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            used = int(Path("/sys/fs/cgroup/memory.current").read_text().strip())
+            candidates.append(max(0, int(limit) - used))
+    except (OSError, ValueError):
+        pass
+    if not candidates:
+        raise PackError("cannot tell how much memory this machine has available")
+    return min(candidates)
+
+
+def _fmt_bytes(b: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(b) < 1024 or unit == "TiB":
+            return f"{b:.0f} {unit}" if unit == "B" else f"{b:.1f} {unit}"
+        b /= 1024
+    return f"{b:.1f} PiB"  # pragma: no cover
+
+
+def max_pack_that_fits(config: TrainConfig, device: torch.device | str) -> int:
+    budget = available_bytes(device) * MEMORY_HEADROOM
+    lo, hi = 0, 1
+    while estimate_pack_bytes(config, hi) <= budget and hi < 1 << 40:
+        lo, hi = hi, hi * 2
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if estimate_pack_bytes(config, mid) <= budget else (lo, mid)
+    return lo
+
+
+def check_pack_fits(config: TrainConfig, n: int, device: torch.device | str | None = None) -> None:
+    """Raise PackError if `n` models of `config` would not fit in the device's available memory."""
+    device = select_device(config.device) if device is None else torch.device(device)
+    need = estimate_pack_bytes(config, n)
+    have = available_bytes(device)
+    if need > have * MEMORY_HEADROOM:
+        fits = max_pack_that_fits(config, device)
+        hint = f"use --pack {fits} or less" if fits >= 1 else "even one model does not fit"
+        raise PackError(
+            f"--pack {n}: {n} {config.model} models (batch {config.batch_size}, {config.optimizer}) "
+            f"need about {_fmt_bytes(need)} on {device}, but only {_fmt_bytes(have)} is available "
+            f"({MEMORY_HEADROOM:.0%} usable); {hint}"
+        )
+
+
+# ---- the models, functionally, over a leading model dimension -----------------------------------
+
+
+def _logreg_forward(p: dict[str, torch.Tensor], x: torch.Tensor, *masks: torch.Tensor) -> torch.Tensor:
+    """models.LogReg.forward (one model; vmapped for evaluation)."""
+    return F.linear(x.flatten(1), p["linear.weight"], p["linear.bias"])
+
+
+def _cnn_forward(p: dict[str, torch.Tensor], x: torch.Tensor, *masks: torch.Tensor) -> torch.Tensor:
+    """models.CNN.forward with the dropout noise passed in (masks = (drop2d, drop) in training; none
+    in evaluation). Dropout there is `input * noise`, noise = bernoulli(1 - p) / (1 - p): the same."""
+    x = F.relu(F.max_pool2d(F.conv2d(x, p["conv1.weight"], p["conv1.bias"]), 2))
+    x = F.conv2d(x, p["conv2.weight"], p["conv2.bias"])
+    if masks:
+        x = x * masks[0]
+    x = F.relu(F.max_pool2d(x, 2))
+    x = F.relu(F.linear(x.flatten(1), p["fc1.weight"], p["fc1.bias"]))
+    if masks:
+        x = x * masks[1]
+    return F.linear(x, p["fc2.weight"], p["fc2.bias"])
+
+
+def _cnn_noise(batch: int, device: torch.device) -> list[torch.Tensor]:
+    """The CNN's dropout noise for one step, drawn by the very calls its forward makes, in its order:
+    `F.dropout2d` on (B, 20, 8, 8) draws (B, 20, 1, 1), then `F.dropout` on (B, 50) (the fused kernel
+    on CUDA). Applied to ones, each returns its noise: 0 or 1 / (1 - p)."""
+    return [
+        F.dropout2d(torch.ones(batch, 20, 1, 1, device=device), DROPOUT_P, True),
+        F.dropout(torch.ones(batch, 50, device=device), DROPOUT_P, True),
+    ]
+
+
+# forward of one model, and the maker of its dropout noise for one training step (None: no dropout)
+FORWARDS: dict[str, tuple[Callable[..., torch.Tensor], Callable[..., list[torch.Tensor]] | None]] = {
+    "logreg": (_logreg_forward, None),
+    "cnn": (_cnn_forward, _cnn_noise),
+}
+
+
+class _DefaultRng:
+    """get/set the state of the default generator that a lone run's dropout draws from on `device`."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def get(self) -> torch.Tensor:
+        if self.device.type == "cuda":
+            return torch.cuda.get_rng_state(self.device)
+        if self.device.type == "mps":
+            return torch.mps.get_rng_state()
+        return torch.get_rng_state()
+
+    def set(self, state: torch.Tensor) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.set_rng_state(state, self.device)
+        elif self.device.type == "mps":
+            torch.mps.set_rng_state(state)
+        else:
+            torch.set_rng_state(state)
+
+
+class _Pack:
+    """The stacked models: parameters (N, ...), their dropout RNG states, and how a step is computed.
+
+    exact (the default on CPU): every kernel that a lone run calls is called the same way on the same
+        shapes - logreg: each model's own forward addmm and weight-gradient mm, with one batched
+        softmax / cross-entropy (row-wise, so the same bits) and a hand-written Linear backward;
+        cnn: each model's own forward and backward on its slice of the stacked parameters - while
+        the data gather, the dropout draws and the optimizer stay batched. Bit-identical on CPU.
+    batched (exact=False, the default on GPUs): one call for the pack - logreg: baddbmm / bmm; cnn:
+        `torch.func.vmap` over the functional forward (grouped convolutions, batched GEMMs), one
+        autograd pass. Same maths, different float rounding (e.g. a multi-threaded MKL GEMM splits
+        its work differently from bmm's per-matrix GEMMs). On a CPU the CNN is compute-bound and
+        the grouped convolutions are slower than the plain ones, so exact is also faster there.
+    """
+
+    def __init__(self, configs: Sequence[TrainConfig], device: torch.device, exact: bool | None = None):
+        self.name = configs[0].model
+        self.n = len(configs)
+        self.device = device
+        self.exact = device.type == "cpu" if exact is None else bool(exact)
+        self.forward, self.noise = FORWARDS[self.name]
+        self.rng = _DefaultRng(device)
+        models, self.rng_states = [], []
+        for cfg in configs:
+            torch.manual_seed(cfg.seed)  # exactly as train(): seed, then build the model
+            models.append(build_model(self.name))
+            self.rng_states.append(self.rng.get())  # where its lone run's dropout draws start
+        self.params = {
+            k: torch.stack([dict(m.named_parameters())[k].detach() for m in models]).to(device)
+            for k, _ in models[0].named_parameters()
+        }
+        self.train_fn = torch.func.vmap(self.forward)
+        self.eval_fn = torch.func.vmap(self.forward, in_dims=(0, None))
+        if self.name != "logreg" and not self.exact:
+            self.leaves = [v.requires_grad_() for v in self.params.values()]
+        # per model, its parameters as views into the stacked tensors (updated in place by the optimizer)
+        self.views = [{k: v[m] for k, v in self.params.items()} for m in range(self.n)]
+
+    def dropout_masks(self, batch: int) -> list[list[torch.Tensor]]:
+        """Per model, its noise tensors for this step, drawn with its own RNG state."""
+        if self.noise is None:
+            return []
+        outside = self.rng.get()
+        masks = []
+        try:
+            for m in range(self.n):
+                self.rng.set(self.rng_states[m])
+                masks.append(self.noise(batch, self.device))
+                self.rng_states[m] = self.rng.get()
+        finally:
+            self.rng.set(outside)
+        return masks
+
+    def loss_and_grads(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """One step: (each model's mean cross-entropy (N,), gradients of the stacked parameters) for
+        images x (N, B, 1, 28, 28) and labels y (N, B). Each model's gradient is its lone gradient
+        (a sum of per-model mean losses), and the returned losses are summed as F.cross_entropy does."""
+        n, b = y.shape
+        if self.name == "logreg":
+            return self._logreg_loss_and_grads(x.view(n, b, -1), y)
+        masks = self.dropout_masks(b)
+        if self.exact:
+            losses, grads = [], []
+            for m, p in enumerate(self.views):
+                leaves = {k: v.requires_grad_() for k, v in ((k, v.detach()) for k, v in p.items())}
+                loss = F.cross_entropy(self.forward(leaves, x[m], *masks[m]), y[m])
+                grads.append(torch.autograd.grad(loss, list(leaves.values())))
+                losses.append(loss.detach())
+            return torch.stack(losses), [torch.stack(g) for g in zip(*grads)]
+        stacked = [torch.stack(per_kind) for per_kind in zip(*masks)]
+        logits = self.train_fn(self.params, x, *stacked)
+        logp = F.log_softmax(logits, -1)
+        losses = F.nll_loss(logp.view(n * b, -1), y.view(-1), reduction="none").view(n, b).mean(1)
+        grads = list(torch.autograd.grad(losses.sum(), self.leaves))
+        return self._lone_losses(logp.detach(), y), grads
+
+    def _logreg_loss_and_grads(self, x: torch.Tensor, y: torch.Tensor):
+        # Linear(784, 10) by hand. Exact: every GEMM is the lone run's own call, one per model: its
+        # forward addmm(b, x, W.t()) and its weight gradient grad.t() @ x. The softmax / cross-entropy
+        # and its gradient w.r.t. the logits are batched (row-wise: the same bits). Else baddbmm / bmm.
+        n, b = y.shape
+        weight, bias = self.params["linear.weight"], self.params["linear.bias"]
+        if self.exact:
+            logits = torch.stack([F.linear(x[m], weight[m], bias[m]) for m in range(n)])
+        else:
+            logits = torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2))
+        logits.requires_grad_()
+        logp = F.log_softmax(logits, -1)
+        losses = F.nll_loss(logp.view(n * b, -1), y.view(-1), reduction="none").view(n, b).mean(1)
+        (g,) = torch.autograd.grad(losses.sum(), logits)
+        if self.exact:
+            g_weight = torch.empty_like(weight)
+            for m in range(n):
+                torch.mm(g[m].t(), x[m], out=g_weight[m])
+        else:
+            g_weight = torch.bmm(g.transpose(1, 2), x)
+        return self._lone_losses(logp.detach(), y), [g_weight, g.sum(1)]
+
+    def _lone_losses(self, logp: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Each model's batch loss, summed as F.cross_entropy(reduction="mean") sums it (for the log)."""
+        if not self.exact:
+            return F.nll_loss(logp.flatten(0, 1), y.view(-1), reduction="none").view(y.shape).mean(1)
+        return torch.stack([F.nll_loss(logp[m], y[m]) for m in range(self.n)])
+
+    @torch.no_grad()
+    def eval_logits(self, xs: torch.Tensor, sub: int) -> torch.Tensor:
+        """(N, len(xs), 10) logits of every model on the shared images `xs`: exact, per model as the
+        lone evaluation computes them; else vmapped, `sub` images a pass."""
+        if self.exact:
+            return torch.stack([self.forward(p, xs) for p in self.views])
+        params = {k: v.detach() for k, v in self.params.items()}
+        return torch.cat([self.eval_fn(params, part) for part in xs.split(sub)], dim=1)
+
+
+# ---- optimizers over the stacked parameters -----------------------------------------------------
+#
+# torch.optim's single-tensor SGD / Adam (what a lone CPU run uses), applied to each model's slice of the
+# stacked tensors with that model's hyperparameters. Every per-tensor operation is the lone run's own
+# kernel call on a tensor of the same shape, batched with torch._foreach_* (one call per distinct
+# hyperparameter value), so the arithmetic is the lone run's to the bit - including the fused
+# multiply-add inside `add_(x, alpha=...)`, which a broadcast over the model dimension would not give.
+
+
+def _groups(values: Sequence[float], *, skip_zero: bool = False) -> list[tuple[float, list[int]]]:
+    """(value, model indices having it), in first-seen order; zero left out if skip_zero."""
+    out: dict[float, list[int]] = {}
+    for m, v in enumerate(values):
+        if not (skip_zero and v == 0):
+            out.setdefault(v, []).append(m)
+    return list(out.items())
+
+
+def _pick(tensors: Sequence[torch.Tensor], idx: list[int]) -> list[torch.Tensor]:
+    return [tensors[m] for m in idx]
+
+
+def _add_weight_decay(grads, params, wd_groups) -> list[torch.Tensor]:
+    """Per model `grad.add(param, alpha=wd)` where wd != 0, else the grad itself (as torch.optim)."""
+    out = list(grads)
+    for wd, idx in wd_groups:
+        for m, t in zip(idx, torch._foreach_add(_pick(grads, idx), _pick(params, idx), alpha=wd)):
+            out[m] = t
+    return out
+
+
+class _PackedSGD:
+    """torch.optim.SGD (dampening 0, no nesterov) with per-model lr, momentum and weight decay."""
+
+    def __init__(self, configs: Sequence[TrainConfig], params: dict[str, torch.Tensor]):
+        self.params = [p.detach().unbind(0) for p in params.values()]  # per tensor, per model: views
+        self.lr_groups = _groups([c.lr for c in configs])
+        self.wd_groups = _groups([c.weight_decay for c in configs], skip_zero=True)
+        self.mom_models = [m for m, c in enumerate(configs) if c.momentum != 0]
+        self.momentum = [configs[m].momentum for m in self.mom_models]
+        self.buffers: list[list[torch.Tensor] | None] = [None] * len(self.params)
+
+    @torch.no_grad()
+    def step(self, grads: Sequence[torch.Tensor]) -> None:
+        for i, (p, g) in enumerate(zip(self.params, grads)):
+            d = _add_weight_decay(g.unbind(0), p, self.wd_groups)
+            if self.mom_models:
+                d_mom = _pick(d, self.mom_models)
+                bufs = self.buffers[i]
+                if bufs is None:  # first step: buf = grad.detach().clone()
+                    bufs = self.buffers[i] = [t.detach().clone() for t in d_mom]
+                else:  # buf.mul_(momentum).add_(grad, alpha=1 - dampening)
+                    torch._foreach_mul_(bufs, self.momentum)
+                    torch._foreach_add_(bufs, d_mom, alpha=1)
+                for m, buf in zip(self.mom_models, bufs):
+                    d[m] = buf
+            for lr, idx in self.lr_groups:  # param.add_(grad, alpha=-lr)
+                torch._foreach_add_(_pick(p, idx), _pick(d, idx), alpha=-lr)
+
+
+class _PackedAdam:
+    """torch.optim.Adam (defaults: betas (0.9, 0.999), eps 1e-8, no amsgrad) with per-model lr and
+    weight decay, written as its single-tensor implementation."""
+
+    def __init__(self, configs: Sequence[TrainConfig], params: dict[str, torch.Tensor]):
+        self.params = [p.detach().unbind(0) for p in params.values()]
+        self.lr_groups = _groups([c.lr for c in configs])
+        self.wd_groups = _groups([c.weight_decay for c in configs], skip_zero=True)
+        self.exp_avg = [[torch.zeros_like(t) for t in p] for p in self.params]
+        self.exp_avg_sq = [[torch.zeros_like(t) for t in p] for p in self.params]
+        self.steps = 0
+
+    @torch.no_grad()
+    def step(self, grads: Sequence[torch.Tensor]) -> None:
+        beta1, beta2 = ADAM_BETAS
+        self.steps += 1
+        bias_correction1 = 1 - beta1**self.steps
+        bias_correction2_sqrt = (1 - beta2**self.steps) ** 0.5
+        for i, (p, g) in enumerate(zip(self.params, grads)):
+            d = _add_weight_decay(g.unbind(0), p, self.wd_groups)
+            exp_avg, exp_avg_sq = self.exp_avg[i], self.exp_avg_sq[i]
+            torch._foreach_lerp_(exp_avg, d, 1 - beta1)
+            torch._foreach_mul_(exp_avg_sq, beta2)
+            torch._foreach_addcmul_(exp_avg_sq, d, d, value=1 - beta2)
+            denom = torch._foreach_sqrt(exp_avg_sq)
+            torch._foreach_div_(denom, bias_correction2_sqrt)
+            torch._foreach_add_(denom, ADAM_EPS)
+            for lr, idx in self.lr_groups:  # param.addcdiv_(exp_avg, denom, value=-step_size)
+                step_size = lr / bias_correction1
+                torch._foreach_addcdiv_(
+                    _pick(p, idx), _pick(exp_avg, idx), _pick(denom, idx), value=-step_size
+                )
+
+
+def _make_optimizer(configs: Sequence[TrainConfig], params: dict[str, torch.Tensor]):
+    return _PackedAdam(configs, params) if configs[0].optimizer == "adam" else _PackedSGD(configs, params)
+
+
+# ---- training ----------------------------------------------------------------------------------
+
+
+def train_packed(
+    configs: Sequence[TrainConfig],
+    *,
+    results_dir: Path | str,
+    run_ids: Sequence[str],
+    data_dir: Path | str | None = None,
+    progress: ProgressFn | None = None,
+    extra: dict[str, Any] | Sequence[dict[str, Any]] | None = None,
+    exact: bool | None = None,
+) -> list[dict[str, Any]]:
+    """Train `configs` (sharing PACK_KEYS) together; write `<results_dir>/<run_id>.json` for each.
+
+    Each record is what `train` writes for that config, plus `packed_with` (the other run ids) and
+    `timings.pack_size`; timings are the pack's (data loaded once, one training loop). `extra` is merged
+    into every record, or given per run as a list. `exact` (default: on CPU) computes every model with
+    its lone run's own kernel calls, bit-identical on CPU; False batches the GEMMs / convolutions over
+    the pack (faster on GPUs, same maths up to float rounding; see `_Pack`). If anything fails,
+    every run of the pack gets a failed record and the exception is re-raised. Returns the records
+    (with `result_path`).
+    """
+    configs, run_ids = list(configs), list(run_ids)
+    if not configs or len(configs) != len(run_ids):
+        raise PackError(f"need one run id per config (got {len(configs)} configs, {len(run_ids)} ids)")
+    if len(set(run_ids)) != len(run_ids):
+        raise PackError("run ids in a pack must be distinct")
+    extras = list(extra) if isinstance(extra, (list, tuple)) else [extra or {}] * len(configs)
+    if len(extras) != len(configs):
+        raise PackError(f"need one extra dict per config (got {len(extras)} for {len(configs)} configs)")
+    records = [
+        new_record(cfg, rid, {**ex, "packed_with": [r for r in run_ids if r != rid]})
+        for cfg, rid, ex in zip(configs, run_ids, extras)
+    ]
+    histories: list[list[dict[str, Any]]] = [[] for _ in configs]
+    t_start = time.perf_counter()
+    try:
+        _run_packed(configs, records, histories, data_dir, progress, t_start, exact)
+        for rec in records:
+            rec["status"] = "completed"
+    except BaseException as e:
+        err = error_info(e)
+        for rec, hist in zip(records, histories):
+            rec["status"] = "failed"
+            rec["error"] = err
+            rec["metrics"].setdefault("history", hist)
+        raise
+    finally:
+        total_s = round(time.perf_counter() - t_start, 4)
+        finished = utc_now()
+        for rec, rid in zip(records, run_ids):
+            rec["finished_at"] = finished
+            rec["timings"]["total_s"] = total_s
+            rec["timings"]["pack_size"] = len(configs)
+            path = result_path(results_dir, rid)
+            atomic_write_json(path, rec)
+            rec["result_path"] = str(path)
+    return records
+
+
+def _run_packed(configs, records, histories, data_dir, progress, t_start, exact) -> None:
+    check_same_pack_keys(configs)
+    cfg0 = configs[0]
+    n, batch, iters = len(configs), cfg0.batch_size, cfg0.iters
+
+    # -- where; refuse a pack that would not fit, before loading anything
+    device = select_device(cfg0.device)
+    env = {
+        "device": str(device),
+        "device_name": device_name(device),
+        "cuda": torch.version.cuda if device.type == "cuda" else None,
+        "torch_threads": torch.get_num_threads(),
+    }
+    for rec in records:
+        rec["env"].update(env)
+    check_pack_fits(cfg0, n, device)
+
+    # -- data, decoded once for the whole pack
+    ds = mnist_data.load(data_dir, device=device)
+    synchronize(device)
+    data_load_s = time.perf_counter() - t_start
+
+    # -- models (each initialised as its lone run would be), optimizer, shuffling generators
+    pack = _Pack(configs, device, exact)
+    optimizer = _make_optimizer(configs, pack.params)
+    shuffle_gens = [torch.Generator().manual_seed(cfg.seed) for cfg in configs]
+    _, saved_per_sample = _model_sizes(cfg0.model, batch)
+    eval_sub = _eval_sub_chunk(saved_per_sample, n)
+
+    # -- the loop
+    flat_x = ds.train_x.flatten(1)  # a 2-D gather is several times faster than a 4-D one on CPU
+    train_s = eval_s = 0.0
+    loss_sum = torch.zeros(n, device=device)
+    loss_count = 0
+    batches: list[torch.Tensor] = []
+    it = 0
+    t_loop = time.perf_counter()
+    while it < iters:
+        if not batches:
+            perms = torch.stack(
+                [torch.cat(mnist_data.epoch_batches(len(ds.train_y), batch, g, device)) for g in shuffle_gens]
+            )
+            batches = list(perms.split(batch, dim=1))
+            batches.reverse()  # pop() from the end = batches in permutation order
+        idx = batches.pop().reshape(-1)
+        b = idx.numel() // n
+        x = flat_x.index_select(0, idx).view(n, b, *ds.train_x.shape[1:])
+        y = ds.train_y.index_select(0, idx).view(n, b)
+        losses, grads = pack.loss_and_grads(x, y)
+        optimizer.step(grads)
+        it += 1
+        loss_sum += losses
+        loss_count += 1
+
+        is_eval = it % cfg0.eval_every == 0 or it == iters
+        if is_eval or (progress is not None and it % 25 == 0):
+            train_losses = (loss_sum / loss_count).tolist()
+            mean_loss = sum(train_losses) / n
+        if is_eval:
+            synchronize(device)
+            t_eval = time.perf_counter()
+            train_s += t_eval - t_loop
+            accs, test_losses = _evaluate(pack, ds.test_x, ds.test_y, eval_sub)
+            for m in range(n):
+                histories[m].append(
+                    {
+                        "iteration": it,
+                        "epoch": round(it / cfg0.iters_per_epoch, 4),
+                        "train_loss": round(train_losses[m], 6),
+                        "test_loss": round(test_losses[m], 6),
+                        "test_accuracy": round(accs[m], 4),
+                    }
+                )
+            loss_sum.zero_()
+            loss_count = 0
+            mean_acc = sum(accs) / n
+            if progress is not None:
+                progress(Progress(it, iters, mean_loss, mean_acc))
+            else:
+                print(
+                    f"iter {it}/{iters}  pack of {n}  train_loss mean {mean_loss:.4f}  "
+                    f"test_acc mean {mean_acc:.2f}% (min {min(accs):.2f}, max {max(accs):.2f})",
+                    flush=True,
+                )
+            t_loop = time.perf_counter()
+            eval_s += t_loop - t_eval
+        elif progress is not None and it % 25 == 0:
+            progress(Progress(it, iters, mean_loss))
+    synchronize(device)
+    train_s += time.perf_counter() - t_loop
+
+    for rec, history in zip(records, histories):
+        final = history[-1]
+        rec["metrics"] = {
+            "test_accuracy": final["test_accuracy"],
+            "test_loss": final["test_loss"],
+            "final_train_loss": final["train_loss"],
+            "iterations": it,
+            "epochs": round(it / cfg0.iters_per_epoch, 4),
+            "history": history,
+        }
+        rec["timings"] = {
+            "data_load_s": round(data_load_s, 4),
+            "train_s": round(train_s, 4),
+            "eval_s": round(eval_s, 4),
+            "samples_per_s": round(it * batch / train_s, 1) if train_s > 0 else None,
+        }
+
+
+@torch.no_grad()
+def _evaluate(pack: _Pack, x: torch.Tensor, y: torch.Tensor, sub: int) -> tuple[list[float], list[float]]:
+    """Per model (accuracy %, mean cross-entropy), summed chunk by chunk exactly as `train.evaluate`."""
+    n = pack.n
+    correct = torch.zeros(n, dtype=torch.int64, device=x.device)
+    loss_sum = torch.zeros(n, dtype=torch.float64, device=x.device)
+    for xs, ys in zip(x.split(EVAL_CHUNK), y.split(EVAL_CHUNK)):
+        logits = pack.eval_logits(xs, sub)
+        for m in range(n):
+            loss_sum[m] += F.cross_entropy(logits[m], ys, reduction="sum").double()
+        correct += (logits.argmax(2) == ys).sum(1)
+    total = len(y)
+    return [100.0 * c / total for c in correct.tolist()], [s / total for s in loss_sum.tolist()]
+
+
+__all__ = [
+    "PACK_KEYS",
+    "PER_RUN_KEYS",
+    "PackError",
+    "available_bytes",
+    "check_pack_fits",
+    "estimate_pack_bytes",
+    "group_for_packing",
+    "max_pack_that_fits",
+    "pack_key",
+    "train_packed",
+]
