@@ -6,6 +6,7 @@ ends in one line on stderr, `Error: ...`, and exit code 2.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
@@ -149,6 +150,8 @@ def train(
     exclusive: Exclusive = False,
     slurm_opt: SlurmOpt = None,
     setup: Setup = None,
+    checkpoint_every: CheckpointEvery = None,
+    max_requeues: MaxRequeues = 3,
 ) -> None:
     """Train one model on MNIST and write its JSON result.
 
@@ -158,6 +161,7 @@ def train(
     try:
         config = train_config_from_options(_train_options(v))
         slurm = _slurm_config(v)
+        _check_checkpoint_options(v)
     except ConfigError as e:
         fail(str(e))
     kind = _executor_kind(executor, v)
@@ -168,6 +172,12 @@ def train(
         v.update(pack=1, max_parallel=None, retry_failed=False, force=True)
         _launch([config], {}, v, slurm, name=f"train-{sweep_run_id(config)}")
         return
+    if checkpoint_every is not None or max_requeues != 3:
+        typer.echo(
+            "Warning: --checkpoint-every and --max-requeues apply to submitted runs (a sweep, or train "
+            "with SLURM options or --tasks-per-node): a run in the foreground is not resumed",
+            err=True,
+        )
     _preflight(config, data_dir, results_dir)
     _run_local(config, data_dir, results_dir)
 
@@ -212,16 +222,16 @@ def _run_local(config: TrainConfig, data_dir: Path | None, results_dir: Path) ->
 
 _S = "SLURM (any of these submits to SLURM)"
 Partition = Annotated[Optional[str], typer.Option(help="SLURM partition.", rich_help_panel=_S)]
-Nodes = Annotated[Optional[int], typer.Option(help="Nodes per job. [default: 1]", rich_help_panel=_S)]
+Nodes = Annotated[Optional[int], typer.Option(help="Nodes per job. Default: 1.", rich_help_panel=_S)]
 GpusPerNode = Annotated[Optional[int], typer.Option(help="GPUs per node (--gres gpu:N).", rich_help_panel=_S)]
 TasksPerNode = Annotated[
     Optional[int],
-    typer.Option(help="Processes per node (DDP ranks; works locally too). [default: 1]", rich_help_panel=_S),
+    typer.Option(help="Processes per node (DDP ranks; works locally too). Default: 1.", rich_help_panel=_S),
 ]
-CpusPerTask = Annotated[Optional[int], typer.Option(help="CPUs per task. [default: 1]", rich_help_panel=_S)]
+CpusPerTask = Annotated[Optional[int], typer.Option(help="CPUs per task. Default: 1.", rich_help_panel=_S)]
 MemGb = Annotated[Optional[float], typer.Option(help="Memory per node in GB.", rich_help_panel=_S)]
 TimeMin = Annotated[
-    Optional[int], typer.Option(help="Time limit in minutes. [default: 60]", rich_help_panel=_S)
+    Optional[int], typer.Option(help="Time limit in minutes. Default: 60.", rich_help_panel=_S)
 ]
 Account = Annotated[Optional[str], typer.Option(help="SLURM account.", rich_help_panel=_S)]
 Qos = Annotated[Optional[str], typer.Option(help="SLURM QOS.", rich_help_panel=_S)]
@@ -238,6 +248,23 @@ Setup = Annotated[
 ]
 Executor = Annotated[
     str, typer.Option(help="auto (slurm if any SLURM option is given), slurm or local.", rich_help_panel=_S)
+]
+_C = "Checkpoints (sweep runs and submitted train runs)"
+CheckpointEvery = Annotated[
+    Optional[int],
+    typer.Option(
+        help="Checkpoint every N iterations into <run_id>.ckpt.pt (0: only when stopped by a signal). Default: off below 2000 iterations, else every max(1000, iters/20).",
+        metavar="N",
+        rich_help_panel=_C,
+    ),
+]
+MaxRequeues = Annotated[
+    int,
+    typer.Option(
+        help="Requeue a job stopped by its time limit or a preemption at most N times; each attempt resumes from the checkpoint.",
+        metavar="N",
+        rich_help_panel=_C,
+    ),
 ]
 
 _SLURM_TRIGGERS = (
@@ -307,7 +334,7 @@ def sweep(
     ] = None,
     name: Annotated[
         Optional[str],
-        typer.Option(help="Sweep name = folder under --results-dir. [default: derived from the grid]"),
+        typer.Option(help="Sweep name = folder under --results-dir. Default: derived from the grid."),
     ] = None,
     max_parallel: Annotated[
         Optional[int],
@@ -343,6 +370,8 @@ def sweep(
     exclusive: Exclusive = False,
     slurm_opt: SlurmOpt = None,
     setup: Setup = None,
+    checkpoint_every: CheckpointEvery = None,
+    max_requeues: MaxRequeues = 3,
 ) -> None:
     """Run a hyperparameter grid: every training option takes a comma list (--lr 0.001,0.01).
 
@@ -359,9 +388,16 @@ def sweep(
             fail(f"the grid has {size:,} runs (more than {MAX_GRID:,}); pass --yes to run it anyway")
         configs = expand_grid(values)
         slurm = _slurm_config({**v, **_file_slurm(file_values, v)})
+        _check_checkpoint_options(v)
     except ConfigError as e:
         fail(str(e))
     _launch(configs, values, v, slurm, name=name or file_values.get("name"))
+
+
+def _check_checkpoint_options(v: dict[str, Any]) -> None:
+    for key in ("checkpoint_every", "max_requeues"):
+        if v[key] is not None and v[key] < 0:
+            raise ConfigError(f"--{key.replace('_', '-')} must be >= 0 (got {v[key]})")
 
 
 def _file_slurm(file_values: dict[str, Any], v: dict[str, Any]) -> dict[str, Any]:
@@ -394,6 +430,8 @@ def _launch(configs, values, v: dict[str, Any], slurm, *, name: str | None) -> N
     name = name or default_sweep_name(run_ids)
     if not name or "/" in name or name.startswith("."):
         fail(f"--name must be a plain folder name (got {name!r})")
+    if len(name.encode(errors="surrogateescape")) > 200:
+        fail(f"--name must be at most 200 bytes long (got {len(name.encode(errors='surrogateescape'))})")
     results_dir: Path = v["results_dir"]
     folder = results_dir / name
     by_id = dict(zip(run_ids, configs))
@@ -410,6 +448,7 @@ def _launch(configs, values, v: dict[str, Any], slurm, *, name: str | None) -> N
         if kind != "slurm":
             _preflight(c, v["data_dir"], results_dir)
     if kind == "slurm":
+        _preflight_slurm(slurm)
         _preflight_common(v["data_dir"], results_dir)
     todo, skipped = plan_runs(
         folder, run_ids, retry_failed=v["retry_failed"], force=v["force"], executor=kind
@@ -417,10 +456,16 @@ def _launch(configs, values, v: dict[str, Any], slurm, *, name: str | None) -> N
     for reason, ids in skipped.items():
         if ids:
             hint = " (--retry-failed to rerun)" if reason == "failed" else ""
-            console.print(f"  {len(ids)} run(s) already {reason}: skipped{hint}")
+            where = " (in another process)" if reason == "running" else ""
+            console.print(f"  {len(ids)} run(s) already {reason}{where}: skipped{hint}")
     if not todo:
         console.print("nothing to submit")
         return
+    if v["force"]:  # a rerun starts from scratch, not from an earlier attempt's checkpoint
+        from .checkpoint import checkpoint_path
+
+        for run_id in todo:
+            checkpoint_path(folder, run_id).unlink(missing_ok=True)
     tasks, groups = _make_tasks([by_id[r] for r in todo], todo, folder, v)
     if kind == "slurm":
         _submit(console, name, folder, tasks, groups, values, slurm, v, by_id)
@@ -449,6 +494,16 @@ def _check_gpus_for_tasks(configs, slurm, kind: str) -> None:
                     f"--tasks-per-node {slurm.tasks_per_node} with --device {c.device} needs "
                     f"{slurm.tasks_per_node} GPUs; this machine has {gpus}"
                 )
+
+
+def _preflight_slurm(slurm) -> None:
+    """SLURM is there, the partition exists and its nodes can hold one job; else one line, exit 2."""
+    from .launch import LaunchError, check_slurm_fits, sinfo_partitions
+
+    try:
+        check_slurm_fits(slurm, sinfo_partitions())
+    except LaunchError as e:
+        fail(str(e))
 
 
 def _preflight_common(data_dir: Path | None, results_dir: Path) -> None:
@@ -490,6 +545,9 @@ def _make_tasks(configs, run_ids, folder: Path, v: dict[str, Any]):
             results_dir=str(folder),
             data_dir=data_dir,
             extra={"sweep": folder.name},
+            checkpoint_every=v["checkpoint_every"],
+            max_requeues=v["max_requeues"],
+            skip_completed=not v["force"],
         )
         for g in groups
     ]
@@ -524,15 +582,20 @@ def _submit(console, name, folder, tasks, groups, values, slurm, v, by_id) -> No
     from .launch import LOG_DIR, LaunchError, max_array_size, record_submission, slurm_executor, submit_slurm
 
     try:
-        ex = slurm_executor(folder / LOG_DIR, name, slurm, v["max_parallel"])
+        ex = slurm_executor(folder / LOG_DIR, name, slurm, v["max_parallel"], max_requeues=v["max_requeues"])
     except LaunchError as e:
         fail(str(e))
     limit = max_array_size()
+    new_folder = not folder.exists()
     try:
         job_chunks = submit_slurm(ex, tasks, limit)
         error = None
     except LaunchError as e:
         job_chunks, error = e.done, e  # type: ignore[attr-defined]
+        if not job_chunks and new_folder:  # refused outright: leave no trace (submitit's script)
+            import shutil
+
+            shutil.rmtree(folder, ignore_errors=True)
     job_ids = [j for chunk in job_chunks for j in chunk]
     runs = {}
     for group, job_id in zip(groups, job_ids):
@@ -563,7 +626,14 @@ def _submit(console, name, folder, tasks, groups, values, slurm, v, by_id) -> No
 def _run_here(console, name, folder, tasks, groups, values, slurm, v, by_id, kind) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from .launch import LOG_DIR, local_gpu_count, record_submission, run_local
+    from .launch import (
+        COMPLETED_ELSEWHERE,
+        LOG_DIR,
+        RUNNING_ELSEWHERE,
+        local_gpu_count,
+        record_submission,
+        run_local,
+    )
 
     parallel = v["max_parallel"] or max(1, local_gpu_count())
     runs = {
@@ -572,7 +642,9 @@ def _run_here(console, name, folder, tasks, groups, values, slurm, v, by_id, kin
         for r in g
     }
     record_submission(folder, name=name, executor="local", grid=values, slurm=None, runs=runs)
-    console.print(f"running {len(runs)} run(s) here, {parallel} at a time; results in {folder}/")
+    console.print(
+        f"running {len(runs)} run(s) here, {min(parallel, len(tasks))} at a time; results in {folder}/"
+    )
     with Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -581,6 +653,7 @@ def _run_here(console, name, folder, tasks, groups, values, slurm, v, by_id, kin
         console=console,
     ) as bar:
         t = bar.add_task("runs", total=len(tasks))
+        elsewhere: list[str] = []
 
         def on_event(what: str, i: int, obj: Any) -> None:
             if what == "started" and kind == "local":
@@ -590,7 +663,17 @@ def _run_here(console, name, folder, tasks, groups, values, slurm, v, by_id, kin
                 )
             if what == "finished":
                 bar.advance(t)
+                said: dict[str, str] = {}  # what the task says it did with each run
+                with contextlib.suppress(Exception):  # (a failed job has no output)
+                    said = {o["run_id"]: o["status"] for o in obj.results()[0]}
                 for rid in groups[i]:
+                    if said.get(rid) == RUNNING_ELSEWHERE:
+                        elsewhere.append(rid)
+                        bar.console.print(f"  {rid}: being trained by another process, not here")
+                        continue
+                    if said.get(rid) == COMPLETED_ELSEWHERE:
+                        bar.console.print(f"  {rid}: completed meanwhile by another process")
+                        continue
                     _, data = _result(folder, rid)
                     acc = data["metrics"].get("test_accuracy") if data else None
                     status = data["status"] if data else "missing"
@@ -605,7 +688,10 @@ def _run_here(console, name, folder, tasks, groups, values, slurm, v, by_id, kin
             executor_kind=kind,
         )
     failed = sum(s != "COMPLETED" for s in states)
-    console.print(f"done: {len(states) - failed} task(s) completed, {failed} failed")
+    console.print(
+        f"done: {len(states) - failed} task(s) completed, {failed} failed"
+        + (f"; {len(elsewhere)} run(s) left to the process already training them" if elsewhere else "")
+    )
     if failed:
         raise typer.Exit(1)
 
@@ -891,6 +977,8 @@ def report(
             written = rep.plot(result, plot)
         except (rep.ReportError, OSError) as e:
             fail(str(e))
+        except ValueError as e:  # matplotlib: a file name whose suffix is no image format it knows
+            fail(f"--plot {plot}: {e}")
         typer.echo(f"plot → {written}", err=True)
     to_text = formats[fmt]
     if to_text is not None:

@@ -19,6 +19,7 @@ OPTIMIZERS = ("sgd", "adam")
 TRAIN_SIZE = 60_000
 TEST_SIZE = 10_000
 _DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+MAX_HYPERPARAM = 1e30  # lr, momentum, weight decay: float32 optimizers overflow far above this
 
 
 class ConfigError(ValueError):
@@ -48,11 +49,11 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _check_choice("model", self.model, MODELS)
         _check_choice("optimizer", self.optimizer, OPTIMIZERS)
-        _check_number("lr", self.lr, float, minimum=0.0, strict=True)
-        _check_number("momentum", self.momentum, float, minimum=0.0)
-        _check_number("weight_decay", self.weight_decay, float, minimum=0.0)
-        _check_number("batch_size", self.batch_size, int, minimum=1)
-        _check_number("seed", self.seed, int, minimum=0)
+        _check_number("lr", self.lr, float, minimum=0.0, strict=True, maximum=MAX_HYPERPARAM)
+        _check_number("momentum", self.momentum, float, minimum=0.0, maximum=MAX_HYPERPARAM)
+        _check_number("weight_decay", self.weight_decay, float, minimum=0.0, maximum=MAX_HYPERPARAM)
+        _check_number("batch_size", self.batch_size, int, minimum=1, maximum=TRAIN_SIZE)
+        _check_number("seed", self.seed, int, minimum=0, maximum=2**64 - 1)  # torch's seed range
         _check_number("eval_every", self.eval_every, int, minimum=1)
         if not isinstance(self.device, str) or not _DEVICE_RE.match(self.device):
             raise ConfigError(f"--device must be auto, cpu, cuda, cuda:N or mps (got {self.device!r})")
@@ -91,7 +92,9 @@ def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
         raise ConfigError(f"{option_name(name)} must be one of {', '.join(choices)} (got {value!r})")
 
 
-def _check_number(name: str, value: Any, kind: type, *, minimum: float, strict: bool = False) -> None:
+def _check_number(
+    name: str, value: Any, kind: type, *, minimum: float, strict: bool = False, maximum: float | None = None
+) -> None:
     ok_type = isinstance(value, kind) or (kind is float and isinstance(value, int))
     if isinstance(value, bool) or not ok_type:
         raise ConfigError(f"{option_name(name)} must be a number (got {value!r})")
@@ -100,6 +103,9 @@ def _check_number(name: str, value: Any, kind: type, *, minimum: float, strict: 
     if (strict and value <= minimum) or value < minimum:
         relation = ">" if strict else ">="
         raise ConfigError(f"{option_name(name)} must be {relation} {minimum:g} (got {value!r})")
+    if maximum is not None and value > maximum:
+        limit = f"{maximum:g}" if isinstance(maximum, float) else maximum
+        raise ConfigError(f"{option_name(name)} must be <= {limit} (got {value!r})")
 
 
 # ---- parsing option text ------------------------------------------------------------------------

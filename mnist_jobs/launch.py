@@ -9,13 +9,16 @@ No typer or rich here: the CLI renders what these functions return.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import hashlib
 import itertools
 import json
 import os
 import shutil
+import signal
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -23,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import tomllib
+from submitit.helpers import Checkpointable
 
 from .config import TRAIN_FIELDS, ConfigError, SlurmConfig, TrainConfig, option_name, parse_option
 from .results import ResultError, atomic_write_json, git_info, load_result, utc_now
@@ -31,6 +35,7 @@ SWEEP_KIND = "mnist-jobs/sweep"
 MANIFEST = "sweep.json"
 LOG_DIR = "logs"
 MAX_GRID = 10_000
+DEFAULT_MAX_REQUEUES = 3
 
 
 class LaunchError(RuntimeError):
@@ -104,11 +109,18 @@ def default_sweep_name(run_ids: list[str]) -> str:
 
 
 @dataclass
-class TrainTask:
+class TrainTask(Checkpointable):
     """The picklable callable submitit runs: one run, or a pack of runs trained together.
 
     With several tasks (--tasks-per-node / --nodes), every task runs this; the process group comes
     from submitit's job environment and rank 0 alone writes the result.
+
+    A submitit `Checkpointable`: on the time-limit / preemption signal (USR2) the run checkpoints at the
+    next iteration boundary, then submitit calls `checkpoint()` and requeues the job, which resumes from
+    that checkpoint (at most `max_requeues` times). On SIGTERM (scancel, `scontrol requeue`, preemption
+    without a user signal) it checkpoints and exits; whatever SLURM starts again resumes likewise.
+    Each run is claimed (an flock held while it trains), so two sweeps sharing a folder never train
+    the same run at once, and a run completed elsewhere meanwhile is not trained again.
     """
 
     configs: list[dict[str, Any]]
@@ -118,6 +130,10 @@ class TrainTask:
     threads: int | None = None
     master_port: int | None = None  # set for local multi-process jobs (a free port on this machine)
     extra: dict[str, Any] = field(default_factory=dict)
+    checkpoint_every: int | None = None  # None: checkpoint.resolve_every's rule
+    max_requeues: int = DEFAULT_MAX_REQUEUES
+    requeues: int = 0  # requeues submitit made (checkpoint() counts them); SLURM_RESTART_COUNT too
+    skip_completed: bool = True  # False with --force
 
     def __call__(self) -> list[dict[str, Any]]:
         import torch
@@ -125,37 +141,95 @@ class TrainTask:
         threads = self.threads or int(os.environ.get("SLURM_CPUS_PER_TASK", "0"))
         if threads:
             torch.set_num_threads(threads)
-        configs = [TrainConfig.from_dict(c) for c in self.configs]
         dist = self.dist_info()
-        if len(configs) == 1:
-            from .train import train
+        with contextlib.ExitStack() as claims:
+            todo, skipped = list(range(len(self.run_ids))), []
+            if not dist.distributed:  # (DDP ranks cannot agree on a claim before their process group)
+                todo, skipped = self._claim(claims)
+            configs = [TrainConfig.from_dict(self.configs[i]) for i in todo]
+            run_ids = [self.run_ids[i] for i in todo]
+            if len(configs) == 1:
+                records = [self._train_one(configs[0], run_ids[0], dist)]
+            elif configs:
+                if dist.distributed:
+                    raise ConfigError("--pack cannot be combined with several tasks per job (DDP)")
+                from .packed import train_packed
 
-            records = [
-                train(
-                    configs[0],
+                records = train_packed(
+                    configs,
                     results_dir=self.results_dir,
-                    run_id=self.run_ids[0],
+                    run_ids=run_ids,
                     data_dir=self.data_dir,
                     extra=self.extra,
-                    dist=dist,
                 )
-            ]
-        else:
-            if dist.distributed:
-                raise ConfigError("--pack cannot be combined with several tasks per job (DDP)")
-            from .packed import train_packed
-
-            records = train_packed(
-                configs,
-                results_dir=self.results_dir,
-                run_ids=self.run_ids,
-                data_dir=self.data_dir,
-                extra=self.extra,
-            )
-        return [
+            else:
+                records = []
+        done = [
             {"run_id": r["run_id"], "status": r["status"], "test_accuracy": r["metrics"].get("test_accuracy")}
             for r in records
         ]
+        return done + skipped
+
+    def _claim(self, claims: contextlib.ExitStack) -> tuple[list[int], list[dict[str, Any]]]:
+        """Claim this task's runs; the ones another process holds, or that are completed by now, are
+        skipped (and reported as such)."""
+        folder = Path(self.results_dir)
+        todo, skipped = [], []
+        for i, run_id in enumerate(self.run_ids):
+            if not claims.enter_context(claim_run(folder, run_id)):
+                skipped.append({"run_id": run_id, "status": RUNNING_ELSEWHERE, "test_accuracy": None})
+                continue
+            status, data = result_status(folder, run_id)
+            if status == "completed" and self.skip_completed:
+                acc = data["metrics"].get("test_accuracy") if data else None
+                skipped.append({"run_id": run_id, "status": COMPLETED_ELSEWHERE, "test_accuracy": acc})
+                continue
+            todo.append(i)
+        return todo, skipped
+
+    def _train_one(self, config: TrainConfig, run_id: str, dist) -> dict[str, Any]:
+        """One run, with the stop signals routed to its loop (which checkpoints, then stops)."""
+        from .train import Interrupted, StopFlag, train
+
+        stop = StopFlag()
+        with _signals_set(stop, (signal.SIGUSR2, signal.SIGTERM)) as previous:
+            try:
+                return train(
+                    config,
+                    results_dir=self.results_dir,
+                    run_id=run_id,
+                    data_dir=self.data_dir,
+                    extra=self.extra,
+                    dist=dist,
+                    checkpoint_every=self.checkpoint_every,
+                    stop=stop,
+                    requeues=self.requeue_count(),
+                    max_requeues=self.max_requeues,
+                )
+            except Interrupted as e:
+                submitit_handler = previous.get(signal.SIGUSR2)
+                if e.signum != signal.SIGUSR2 or not callable(submitit_handler) or not dist.is_main:
+                    raise  # SIGTERM: SLURM requeues or cancels the job itself; the checkpoint is on disk
+                if self.requeue_count() >= self.max_requeues and e.record is not None:
+                    _write_failed(e, self)  # no requeue left: the run ends failed, and says why
+                # submitit's own handler: calls self.checkpoint(), requeues the job and exits (or, with
+                # no requeue left, raises UncompletedJobError so the job ends failed)
+                submitit_handler(signal.SIGUSR2, None)
+                raise
+
+    def requeue_count(self) -> int:
+        restarts = os.environ.get("SLURM_RESTART_COUNT", "") if _under_slurm() else ""
+        return max(self.requeues, int(restarts) if restarts.isdigit() else 0)
+
+    def checkpoint(self, *args: Any, **kwargs: Any):
+        """submitit's hook (from its USR2 handler): the job to requeue, or None (no requeue) once
+        `max_requeues` is spent. The run's own checkpoint file was written before this is called."""
+        from submitit.helpers import DelayedSubmission
+
+        done = self.requeue_count()
+        if done >= self.max_requeues:
+            return None
+        return DelayedSubmission(dataclasses.replace(self, requeues=done + 1))
 
     def dist_info(self):
         """Rank, world size and rendezvous from the submitit job environment (SLURM or local)."""
@@ -184,19 +258,100 @@ class TrainTask:
         )
 
 
+RUNNING_ELSEWHERE = "running elsewhere"  # what a task reports for a run it left to another process
+COMPLETED_ELSEWHERE = "completed elsewhere"  # ... and for one completed by another process meanwhile
+
+
+def _under_slurm() -> bool:
+    return os.environ.get("SUBMITIT_EXECUTOR") == "slurm"
+
+
+def _write_failed(e, task: TrainTask) -> None:
+    """The failed record of a run stopped by a time limit / preemption with no requeue left."""
+    record = dict(e.record)
+    message = (
+        f"stopped at iteration {e.iteration} by a time limit or preemption after {task.requeue_count()} "
+        f"requeue(s) (--max-requeues {task.max_requeues}); its checkpoint is kept: "
+        "`mnist-jobs sweep ... --retry-failed` resumes it"
+    )
+    record["status"] = "failed"
+    record["error"] = {"type": "RequeueLimit", "message": message, "traceback": None}
+    record.pop("result_path", None)
+    atomic_write_json(Path(task.results_dir) / f"{record['run_id']}.json", record)
+
+
+@contextlib.contextmanager
+def _signals_set(stop, signums: tuple[int, ...]) -> Iterator[dict[int, Any]]:
+    """While the block runs, these signals only ask the training loop to stop (`stop.request`); the
+    previous handlers (submitit's) are restored after, and handed to the block."""
+    if threading.current_thread() is not threading.main_thread():
+        yield {}
+        return
+    previous = {s: signal.signal(s, lambda signum, frame: stop.request(signum)) for s in signums}
+    try:
+        yield previous
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+@contextlib.contextmanager
+def claim_run(folder: Path, run_id: str) -> Iterator[bool]:
+    """Try to claim a run for this process: an exclusive, non-blocking flock on `.<run_id>.lock` in the
+    sweep folder, held for the block (released by the kernel if the process dies, even by kill -9).
+    Yields False when another process holds it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / f".{run_id}.lock", "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def run_is_claimed(folder: Path, run_id: str) -> bool:
+    """Whether some process is training this run right now (holds its claim). Creates nothing."""
+    path = folder / f".{run_id}.lock"
+    try:
+        f = open(path)  # noqa: SIM115 - closed below
+    except OSError:
+        return False
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(f, fcntl.LOCK_UN)
+        return False
+
+
 # ---- executors ---------------------------------------------------------------------------------
 
 
 def slurm_executor(
-    folder: Path, name: str, slurm: SlurmConfig, max_parallel: int | None, *, dry_run: bool = False
+    folder: Path,
+    name: str,
+    slurm: SlurmConfig,
+    max_parallel: int | None,
+    *,
+    dry_run: bool = False,
+    max_requeues: int = DEFAULT_MAX_REQUEUES,
 ):
     """submitit's SlurmExecutor with our parameters. `dry_run` works without SLURM installed (to print
-    the sbatch script on a laptop); otherwise a machine without srun is a LaunchError."""
+    the sbatch script on a laptop); otherwise a machine without srun is a LaunchError.
+
+    USR2 comes `signal_delay_s` before the time limit (60 s, or a quarter of very short limits) and
+    submitit requeues a timed-out job at most `max_requeues` times (its max_num_timeout); TrainTask
+    applies the same bound to preemptions, which submitit alone would requeue without limit."""
     import submitit
 
     cls = _DryRunSlurmExecutor() if dry_run else submitit.SlurmExecutor
     try:
-        ex = cls(folder=folder, max_num_timeout=3)
+        ex = cls(folder=folder, max_num_timeout=max_requeues)
     except RuntimeError as e:  # submitit: 'Could not detect "srun"'
         raise LaunchError(
             f"SLURM not found on this machine ({e}); submit from a login node, or drop the SLURM "
@@ -208,7 +363,7 @@ def slurm_executor(
         "nodes": slurm.nodes,
         "ntasks_per_node": slurm.tasks_per_node,
         "cpus_per_task": slurm.cpus_per_task,
-        "signal_delay_s": 60,
+        "signal_delay_s": min(60, max(10, slurm.time_min * 15)),
         "stderr_to_stdout": False,
     }
     optional = {
@@ -281,7 +436,9 @@ def chunks(items: list[Any], size: int | None) -> list[list[Any]]:
 def submit_slurm(executor, tasks: list[TrainTask], max_array: int | None) -> list[list[str]]:
     """Submit tasks as job arrays (split to fit MaxArraySize); return job ids per chunk.
 
-    Raises LaunchError with sbatch's message; chunks already submitted are returned in `.done`.
+    Each array element is the TrainTask itself (submit_array), so submitit sees a Checkpointable and
+    requeues it on timeout / preemption. Raises LaunchError with sbatch's message; chunks already
+    submitted are returned in `.done`.
     """
     from submitit.core.utils import FailedJobError
 
@@ -291,17 +448,13 @@ def submit_slurm(executor, tasks: list[TrainTask], max_array: int | None) -> lis
             if len(group) == 1:
                 jobs = [executor.submit(group[0])]
             else:
-                jobs = executor.map_array(_call, group)
+                jobs = executor.submit_array(group)
         except (FailedJobError, subprocess.CalledProcessError, OSError) as e:
             err = LaunchError(_sbatch_message(e))
             err.done = submitted  # type: ignore[attr-defined]
             raise err from None
         submitted.append([j.job_id for j in jobs])
     return submitted
-
-
-def _call(task: TrainTask) -> list[dict[str, Any]]:
-    return task()
 
 
 def _sbatch_message(e: BaseException) -> str:
@@ -311,6 +464,123 @@ def _sbatch_message(e: BaseException) -> str:
             return line.strip()
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     return lines[-1] if lines else type(e).__name__
+
+
+# ---- preflight: will SLURM take these jobs? ----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NodeGroup:
+    """One `sinfo` line: `count` nodes of a partition with these resources."""
+
+    partition: str
+    default: bool
+    cpus: int
+    mem_mb: int
+    gpus: int
+    count: int
+
+
+def _leading_int(text: str) -> int:
+    digits = ""
+    for ch in text.strip():
+        if not ch.isdigit():
+            break
+        digits += ch
+    return int(digits) if digits else 0
+
+
+def _gres_gpus(gres: str) -> int:
+    """GPUs per node from sinfo's %G: 'gpu:2', 'gpu:a100:4(S:0-1)', 'gpu:2,mps:100' or '(null)'."""
+    total = 0
+    for item in gres.split(","):
+        parts = item.split("(")[0].split(":")
+        if parts[0] == "gpu" and len(parts) >= 2:
+            total += _leading_int(parts[-1])
+    return total
+
+
+def sinfo_partitions() -> list[NodeGroup]:
+    """The cluster's partitions and node sizes from `sinfo`; LaunchError when SLURM is not there."""
+    if shutil.which("sinfo") is None or shutil.which("sbatch") is None:
+        raise LaunchError(
+            "SLURM not found on this machine (no sbatch/sinfo on PATH): is this a SLURM login node? "
+            "Submit from one, or drop the SLURM options to run here"
+        )
+    try:
+        out = subprocess.run(
+            ["sinfo", "-h", "-o", "%P|%c|%m|%G|%D"], capture_output=True, text=True, timeout=30
+        )
+    except (OSError, subprocess.SubprocessError) as e:
+        raise LaunchError(f"sinfo failed: {e}") from None
+    if out.returncode != 0:
+        lines = [ln.strip() for ln in (out.stderr or out.stdout).splitlines() if ln.strip()]
+        raise LaunchError(f"sinfo failed: {lines[-1] if lines else f'exit code {out.returncode}'}")
+    groups = []
+    for line in out.stdout.splitlines():
+        fields = line.strip().split("|")
+        if len(fields) != 5:
+            continue
+        name, cpus, mem, gres, count = fields
+        groups.append(
+            NodeGroup(
+                partition=name.rstrip("*"),
+                default=name.endswith("*"),
+                cpus=_leading_int(cpus),
+                mem_mb=_leading_int(mem),
+                gpus=_gres_gpus(gres),
+                count=_leading_int(count),
+            )
+        )
+    return groups
+
+
+def check_slurm_fits(slurm: SlurmConfig, groups: list[NodeGroup]) -> None:
+    """Raise LaunchError (a clear sentence) unless the partition exists and has `slurm.nodes` nodes
+    with enough GPUs, CPUs (cpus-per-task x tasks-per-node) and memory for one job."""
+    known = sorted({g.partition for g in groups})
+    if slurm.partition:
+        wanted = [p.strip() for p in slurm.partition.split(",") if p.strip()]
+        missing = [p for p in wanted if p not in known]
+        if missing:
+            raise LaunchError(
+                f"partition {missing[0]!r} does not exist on this cluster (sinfo lists: "
+                f"{', '.join(known) or 'none'})"
+            )
+    else:
+        wanted = [g.partition for g in groups if g.default][:1]
+        if not wanted:
+            raise LaunchError(
+                f"this cluster has no default partition: pick one with --partition ({', '.join(known)})"
+            )
+    nodes = [g for g in groups if g.partition in wanted]
+    cpus = slurm.cpus_per_task * slurm.tasks_per_node
+    mem_mb = slurm.mem_gb * 1024 if slurm.mem_gb is not None else 0
+    fit = [g for g in nodes if g.gpus >= slurm.gpus_per_node and g.cpus >= cpus and g.mem_mb >= mem_mb]
+    if sum(g.count for g in fit) >= slurm.nodes:
+        return
+    where = f"partition {'/'.join(wanted)}"
+    if not nodes:
+        raise LaunchError(f"{where} has no nodes")
+    if max(g.gpus for g in nodes) < slurm.gpus_per_node:
+        raise LaunchError(
+            f"--gpus-per-node {slurm.gpus_per_node} does not fit: nodes of {where} have at most "
+            f"{max(g.gpus for g in nodes)} GPU(s)"
+        )
+    if max(g.cpus for g in nodes) < cpus:
+        raise LaunchError(
+            f"--cpus-per-task {slurm.cpus_per_task} x --tasks-per-node {slurm.tasks_per_node} = {cpus} CPUs "
+            f"does not fit: nodes of {where} have at most {max(g.cpus for g in nodes)}"
+        )
+    if max(g.mem_mb for g in nodes) < mem_mb:
+        raise LaunchError(
+            f"--mem-gb {slurm.mem_gb:g} does not fit: nodes of {where} have at most "
+            f"{max(g.mem_mb for g in nodes) / 1024:.1f} GB"
+        )
+    raise LaunchError(
+        f"--nodes {slurm.nodes} does not fit: {where} has {sum(g.count for g in fit)} node(s) with "
+        "the GPUs, CPUs and memory asked for"
+    )
 
 
 # ---- local execution with a concurrency cap ----------------------------------------------------
@@ -344,7 +614,7 @@ def run_local(
     import submitit
 
     gpus = local_gpu_count()
-    slots = list(range(max_parallel))
+    slots = list(range(max(1, min(max_parallel, len(tasks)))))  # (a huge --max-parallel is fine)
     pending = list(enumerate(tasks))
     running: dict[int, tuple[Any, int]] = {}
     states = ["PENDING"] * len(tasks)
@@ -449,8 +719,10 @@ def record_submission(
         }
         now = utc_now()
         manifest.update(executor=executor, grid=grid, slurm=slurm, updated_at=now, **git_info())
-        if new_attempt:
-            manifest["submissions"].append({"at": now, "executor": executor, "runs": sorted(runs)})
+        if new_attempt:  # each submission keeps its own grid: concurrent sweeps lose nothing
+            manifest["submissions"].append(
+                {"at": now, "executor": executor, "grid": grid, "runs": sorted(runs)}
+            )
         for run_id, info in runs.items():
             old = manifest["runs"].get(run_id, {})
             if new_attempt:
@@ -545,15 +817,18 @@ def scheduler_states(job_ids: list[str]) -> dict[str, str] | None:
 def plan_runs(
     folder: Path, run_ids: list[str], *, retry_failed: bool, force: bool, executor: str
 ) -> tuple[list[str], dict[str, list[str]]]:
-    """Which runs to submit, and the skipped ones by reason ('completed', 'failed', 'queued')."""
-    skipped: dict[str, list[str]] = {"completed": [], "failed": [], "queued": []}
+    """Which runs to submit, and the skipped ones by reason ('completed', 'failed', 'queued', 'running':
+    training right now in another process, e.g. a concurrent `sweep` into the same folder)."""
+    skipped: dict[str, list[str]] = {"completed": [], "failed": [], "queued": [], "running": []}
     if force:
         return list(run_ids), skipped
     manifest = read_manifest(folder) or {"runs": {}}
     candidates: list[str] = []
     for run_id in run_ids:
         status, _ = result_status(folder, run_id)
-        if status == "completed":
+        if run_is_claimed(folder, run_id):
+            skipped["running"].append(run_id)
+        elif status == "completed":
             skipped["completed"].append(run_id)
         elif status == "failed" and not retry_failed:
             skipped["failed"].append(run_id)
@@ -583,6 +858,15 @@ def run_states(folder: Path) -> list[dict[str, Any]]:
         status, data = result_status(folder, run_id)
         job_id = info.get("job_id")
         state = (sched or {}).get(job_id) if job_id else None
+        # A result older than the run's latest submission (--retry-failed, --force) is history: the
+        # new job's state counts, even before sacct lists it.
+        stale = (
+            sched is not None
+            and data is not None
+            and (info.get("submitted_at") or "") > (data.get("finished_at") or "~")
+        )
+        if stale:
+            status, data = None, None
         if status in ("completed", "failed"):
             shown = status.upper()
             if status == "failed" and state in ("PENDING", "RUNNING", "REQUEUED"):
@@ -591,8 +875,10 @@ def run_states(folder: Path) -> list[dict[str, Any]]:
             shown = "FAILED" if state in TERMINAL and state != "COMPLETED" else state
             if state == "COMPLETED":
                 shown = "FAILED"  # finished without writing a result
-        elif status == "running":
+        elif status == "running" or (status is None and run_is_claimed(folder, run_id)):
             shown = "RUNNING"
+        elif stale:
+            shown = "PENDING"  # submitted a moment ago, not in sacct yet
         elif sched is None and manifest.get("executor") == "slurm":
             shown = "UNKNOWN"
         else:

@@ -5,6 +5,10 @@
 writes `results/<run_id>.json` (atomically) and returns the same dict. A run that raises still leaves
 a record with status "failed" and the error. No typer, rich or submitit in here: progress goes to an
 optional callback (the CLI draws a rich bar with it) or, without one, to plain log lines.
+
+Checkpoints (see checkpoint.py): a run finding `results/<run_id>.ckpt.pt` resumes from it; with
+`checkpoint_every=N` it writes one every N iterations; when `stop` (an Event the job's signal handlers
+set) is set, it writes one at the next iteration boundary and raises `Interrupted`, writing no result.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import io
 import json
 import shutil
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -23,6 +28,7 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 
+from . import checkpoint as ckpt
 from . import data as mnist_data
 from .config import TrainConfig
 from .device import SINGLE, DistInfo, all_reduce_sum, device_name, process_group, rank_device, synchronize
@@ -38,6 +44,30 @@ from .results import (
 )
 
 EVAL_CHUNK = 5000  # test images per forward pass during evaluation
+STOP_POLL_DDP = 20  # under DDP the ranks agree on a stop request every N iterations (one tiny all-reduce)
+
+
+class Interrupted(Exception):
+    """The run was told to stop (preemption, time limit, scancel); it checkpointed first.
+
+    `record` is the unwritten result (status "interrupted"), `signum` the signal that asked for the stop.
+    """
+
+    def __init__(self, iteration: int, signum: int | None, record: dict[str, Any] | None = None) -> None:
+        super().__init__(f"stopped by signal {signum} after a checkpoint at iteration {iteration}")
+        self.iteration = iteration
+        self.signum = signum
+        self.record = record
+
+
+class StopFlag(threading.Event):
+    """Set from a signal handler: the loop checkpoints at the next iteration boundary and stops."""
+
+    signum: int | None = None
+
+    def request(self, signum: int | None = None) -> None:
+        self.signum = signum
+        self.set()
 
 
 @dataclass(frozen=True)
@@ -133,16 +163,38 @@ def train(
     progress: ProgressFn | None = None,
     extra: dict[str, Any] | None = None,
     dist: DistInfo = SINGLE,
+    checkpoint_every: int | None = 0,
+    stop: StopFlag | None = None,
+    requeues: int = 0,
+    max_requeues: int | None = None,
 ) -> dict[str, Any]:
-    """Train one model as `config` says, write its JSON result (rank 0 only), return it."""
+    """Train one model as `config` says, write its JSON result (rank 0 only), return it.
+
+    Resumes from `<run_id>.ckpt.pt` when there is a usable one. `checkpoint_every`: N iterations between
+    checkpoints (0: none; None: the default rule of `checkpoint.resolve_every`). `requeues` and
+    `max_requeues` are only recorded (the job that requeues knows them).
+    """
     run_id = run_id or default_run_id(config)
     path = result_path(results_dir, run_id)
     record = new_record(config, run_id, extra)
+    record["checkpointing"] = {
+        "every": ckpt.resolve_every(checkpoint_every, config.iters),
+        "path": str(ckpt.checkpoint_path(results_dir, run_id)),
+        "resumed_from_iteration": None,
+        "resumes": 0,
+        "requeues": requeues,
+        "max_requeues": max_requeues,
+    }
     history: list[dict[str, Any]] = []
     t_start = time.perf_counter()
     try:
-        _run(config, record, history, data_dir, progress, t_start, dist, path)
+        _run(config, record, history, data_dir, progress, t_start, dist, path, stop)
         record["status"] = "completed"
+    except Interrupted as e:
+        record["status"] = "interrupted"  # not written: the checkpoint carries the run
+        record["metrics"].setdefault("history", history)
+        e.record = record
+        raise
     except BaseException as e:
         record["status"] = "failed"
         record["error"] = error_info(e)
@@ -152,10 +204,13 @@ def train(
         raise
     finally:
         record["finished_at"] = utc_now()
-        record["timings"]["total_s"] = round(time.perf_counter() - t_start, 4)
-        if dist.is_main:
+        earlier = record["timings"].get("earlier_attempts_s", 0.0)  # when resumed: the time before
+        record["timings"]["total_s"] = round(time.perf_counter() - t_start + earlier, 4)
+        if dist.is_main and record["status"] != "interrupted":
             atomic_write_json(path, record)
         record["result_path"] = str(path)
+    if dist.is_main:  # the result is complete and on disk: the checkpoint has done its job
+        ckpt.checkpoint_path(results_dir, run_id).unlink(missing_ok=True)
     return record
 
 
@@ -178,7 +233,7 @@ def _share_rank_error(path: Path, dist: DistInfo, record: dict[str, Any]) -> Non
     shutil.rmtree(errors, ignore_errors=True)
 
 
-def _run(config, record, history, data_dir, progress, t_start, dist, path) -> None:
+def _run(config, record, history, data_dir, progress, t_start, dist, path, stop) -> None:
     # -- where, and with which randomness
     device = rank_device(config.device, dist)
     if dist.distributed and config.batch_size < dist.world_size:
@@ -191,6 +246,8 @@ def _run(config, record, history, data_dir, progress, t_start, dist, path) -> No
     )
     torch.manual_seed(config.seed)  # same seed on every rank: same init, same batch order
     shuffle_gen = torch.Generator().manual_seed(config.seed)
+    ckpt_file = ckpt.checkpoint_path(path.parent, record["run_id"])
+    every = record["checkpointing"]["every"]
 
     with process_group(dist, device) as backend:
         record["distributed"] = {
@@ -204,22 +261,77 @@ def _run(config, record, history, data_dir, progress, t_start, dist, path) -> No
         synchronize(device)
         data_load_s = time.perf_counter() - t_start
 
-        # -- model and optimizer (DDP: the same model, wrapped; gradients are all-reduced)
+        # -- model and optimizer (DDP: the same model, wrapped; gradients are all-reduced), and where an
+        #    earlier attempt of this run stopped, if it left a checkpoint
         model = build_model(config.model).to(device)
+        optimizer = make_optimizer(config, model.parameters())
+        saved = ckpt.load(ckpt_file, config)  # every rank reads the same file
+        if saved is not None:
+            model.load_state_dict(saved["model"])
+            optimizer.load_state_dict(saved["optimizer"])
         net = model
         if dist.distributed:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-        optimizer = make_optimizer(config, model.parameters())
         log = (progress is not None or not dist.is_main) and dist.is_main
 
-        # -- the loop
-        train_s = eval_s = 0.0
+        # -- the loop's state: fresh, or exactly as the checkpoint left it
+        train_s = eval_s = ckpt_s = earlier_s = 0.0
         loss_sum = torch.zeros((), device=device)
         loss_count = 0
         batches: list[torch.Tensor] = []
         it = 0
+        if saved is not None:
+            it, loss_count = saved["iteration"], saved["loss_count"]
+            history[:] = saved["history"]
+            remaining, sizes = saved["batches"]
+            batches = list(remaining.to(device).split(sizes)) if sizes else []
+            shuffle_gen.set_state(saved["shuffle_rng"])
+            per_rank = saved["per_rank"]
+            mine = per_rank[dist.rank] if len(per_rank) == dist.world_size else per_rank[0]
+            ckpt.set_rng_state(mine["rng"], device)
+            loss_sum = mine["loss_sum"].to(device)
+            timings = saved["timings"]
+            train_s, eval_s, ckpt_s = timings["train_s"], timings["eval_s"], timings["checkpoint_s"]
+            earlier_s = timings["total_s"]
+            record["timings"]["earlier_attempts_s"] = earlier_s
+            record["started_at"] = saved["started_at"]
+            record["checkpointing"].update(resumed_from_iteration=it, resumes=saved["resumes"] + 1)
+            if dist.is_main:
+                print(f"resuming {record['run_id']} from {ckpt_file} at iteration {it}", flush=True)
+
+        def save_checkpoint() -> None:
+            mine = {"rng": ckpt.rng_state(device), "loss_sum": loss_sum.detach().cpu()}
+            per_rank = _gather(mine, dist)  # every rank's RNG and partial loss (DDP), rank 0 writes
+            if not dist.is_main:
+                return
+            ckpt.save(
+                ckpt_file,
+                {
+                    "run_id": record["run_id"],
+                    "config": config.to_dict(),
+                    "iteration": it,
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "shuffle_rng": shuffle_gen.get_state(),
+                    "batches": _pack_batches(batches),  # the rest of this epoch, still reversed
+                    "per_rank": per_rank,
+                    "loss_count": loss_count,
+                    "history": history,
+                    "timings": {
+                        "train_s": train_s,
+                        "eval_s": eval_s,
+                        "checkpoint_s": ckpt_s,
+                        "total_s": earlier_s + time.perf_counter() - t_start,
+                    },
+                    "started_at": record["started_at"],
+                    "saved_at": utc_now(),
+                    "resumes": record["checkpointing"]["resumes"],
+                },
+            )
+
+        # -- the loop
         t_loop = time.perf_counter()
         while it < config.iters:
             if not batches:
@@ -273,6 +385,21 @@ def _run(config, record, history, data_dir, progress, t_start, dist, path) -> No
                 eval_s += t_loop - t_eval
             elif log and it % 25 == 0 and not dist.distributed:
                 progress(Progress(it, config.iters, (loss_sum / loss_count).item()))
+
+            if it == config.iters:
+                break
+            stopping = _stop_requested(stop, it, dist, device)
+            if stopping or (every and it % every == 0):
+                synchronize(device)
+                t_ckpt = time.perf_counter()
+                train_s += t_ckpt - t_loop
+                save_checkpoint()
+                t_loop = time.perf_counter()
+                ckpt_s += t_loop - t_ckpt
+                if stopping:
+                    if dist.is_main:
+                        print(f"stopping at iteration {it}: checkpoint written to {ckpt_file}", flush=True)
+                    raise Interrupted(it, stop.signum if stop is not None else None)
         synchronize(device)
         train_s += time.perf_counter() - t_loop
         if dist.is_main:
@@ -292,5 +419,40 @@ def _run(config, record, history, data_dir, progress, t_start, dist, path) -> No
         "data_load_s": round(data_load_s, 4),
         "train_s": round(train_s, 4),
         "eval_s": round(eval_s, 4),
+        "checkpoint_s": round(ckpt_s, 4),
         "samples_per_s": round(it * config.batch_size / train_s, 1) if train_s > 0 else None,
     }
+    if earlier_s:
+        record["timings"]["earlier_attempts_s"] = round(earlier_s, 4)  # total_s includes them
+
+
+def _stop_requested(stop: StopFlag | None, it: int, dist: DistInfo, device: torch.device) -> bool:
+    """Whether to checkpoint and stop now. Under DDP every rank must stop at the same iteration, so the
+    ranks agree (a sum over ranks) every STOP_POLL_DDP iterations: one rank's signal stops them all."""
+    if stop is None:
+        return False
+    if not dist.distributed:
+        return stop.is_set()
+    if it % STOP_POLL_DDP:
+        return False
+    flag = torch.tensor(float(stop.is_set()), device=device)
+    all_reduce_sum(flag)
+    return flag.item() > 0
+
+
+def _pack_batches(batches: list[torch.Tensor]) -> tuple[torch.Tensor, list[int]]:
+    """The pending index batches as one tensor and their sizes (one tensor saves much faster)."""
+    if not batches:
+        return torch.zeros(0, dtype=torch.int64), []
+    return torch.cat(batches).cpu(), [len(b) for b in batches]
+
+
+def _gather(obj: Any, dist: DistInfo) -> list[Any]:
+    """One object per rank, in rank order, on every rank ([obj] without DDP)."""
+    if not dist.distributed:
+        return [obj]
+    import torch.distributed as tdist
+
+    out: list[Any] = [None] * dist.world_size
+    tdist.all_gather_object(out, obj)
+    return out

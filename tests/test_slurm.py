@@ -194,26 +194,26 @@ def test_gpu_gres_jobs_see_their_gpus(cluster, results):
     assert all(s is not None for s in seen) and len(seen) == 2
 
 
-def test_sbatch_refusal_is_one_line_and_nothing_recorded(cluster, results):
-    res = runner.invoke(
-        app,
-        [
-            "sweep",
-            "--lr",
-            "0.1",
-            "--partition",
-            "nosuchpartition",
-            *FAST,
-            "--name",
-            "bad",
-            "--results-dir",
-            str(results),
-        ],
-    )
-    assert res.exit_code == 2
-    assert "sbatch" in res.output and "partition" in res.output.lower()
-    assert "Traceback" not in res.output
-    assert read_manifest(results / "bad") is None
+def _error_lines(output: str) -> list[str]:
+    return [ln for ln in output.splitlines() if ln.startswith("Error:")]
+
+
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        # caught by the preflight (sinfo), before sbatch
+        (["--partition", "nosuchpartition"], "partition 'nosuchpartition' does not exist"),
+        (["--gpus-per-node", "3"], "--gpus-per-node 3 does not fit: nodes of partition gpu have at most 2"),
+        (["--mem-gb", "100000"], "--mem-gb 100000 does not fit"),
+        (["--cpus-per-task", "9"], "= 9 CPUs does not fit"),
+        # refused by sbatch itself: its own message
+        (
+            ["--constraint", "nosuchfeature"],
+            "sbatch refused the submission: sbatch: error: Batch job submission failed: Invalid feature",
+        ),
+    ],
+)
+def test_sbatch_refusal_is_one_line_and_nothing_recorded(cluster, results, extra, needle):
     res = runner.invoke(
         app,
         [
@@ -222,14 +222,16 @@ def test_sbatch_refusal_is_one_line_and_nothing_recorded(cluster, results):
             "0.1",
             "--partition",
             "gpu",
-            "--gpus-per-node",
-            "3",
             *FAST,
+            *extra,
             "--name",
-            "bad2",
+            "bad",
             "--results-dir",
             str(results),
         ],
     )
-    assert res.exit_code == 2 and "sbatch" in res.output
-    assert read_manifest(results / "bad2") is None
+    assert res.exit_code == 2
+    assert len(_error_lines(res.output)) == 1 and needle in _error_lines(res.output)[0], res.output
+    assert "Traceback" not in res.output
+    assert read_manifest(results / "bad") is None
+    assert not [p for p in results.rglob("*") if p.is_file()]  # nothing written, nothing submitted
