@@ -8,8 +8,10 @@ logreg: lr 0.001,0.003,0.01,0.03,0.1,0.3 x seed 0-3 (24 configs), SGD, batch 100
 500 (the tutorial's settings). CNN: lr 0.01,0.05,0.1 x seed 0,1 (6 configs), SGD momentum 0.5, batch 100,
 600 iters, eval every 200 (--quick: 600 / 100 iters). Rows (wall time for the whole grid):
   A packed, as its own process (python start-up, imports, data load, training: one sweep --pack task);
-  B packed in this process, exact=True (the CPU default: bit-identical to lone runs on CPU);
-  C packed in this process, exact=False (batched GEMMs / vmap: the GPU default);
+  B packed in this process, exact=True (each model's lone kernel calls: bit-identical to lone runs on
+    CPU; the CPU default for the CNN);
+  C packed in this process, exact=False (logreg: models sharing a seed share their batches' GEMMs - the
+    logreg default everywhere; CNN: vmap / grouped convolutions - the GPU default);
   D unpacked: one process per config running `train()` (what a sweep task without --pack does);
   E unpacked: `train()` per config, one after another in this process (no start-up, warm caches);
   F tutorial: `tutorial_train` (DataLoader + ToTensor, CPU) on the first --tutorial-runs configs, the
@@ -120,13 +122,13 @@ def bench(model: str, args) -> None:
                 configs, results_dir=os.path.join(tmp, "p"), run_ids=ids, progress=quiet, exact=True
             )
         )
-        row("B", "packed: in this process, exact (CPU default)", wall)
+        row("B", "packed: in this process, exact", wall)
         batched, wall = timed(
             lambda: train_packed(
                 configs, results_dir=os.path.join(tmp, "q"), run_ids=ids, progress=quiet, exact=False
             )
         )
-        row("C", "packed: in this process, batched (GPU default)", wall)
+        row("C", "packed: in this process, batched / seed-grouped", wall)
 
         k = args.process_runs if args.process_runs is not None else (3 if args.quick else n)
         k = max(1, min(k, n))

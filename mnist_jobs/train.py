@@ -42,6 +42,7 @@ from .results import (
     slurm_environment,
     utc_now,
 )
+from .steps import make_step
 
 EVAL_CHUNK = 5000  # test images per forward pass during evaluation
 STOP_POLL_DDP = 20  # under DDP the ranks agree on a stop request every N iterations (one tiny all-reduce)
@@ -90,14 +91,6 @@ def result_path(results_dir: Path | str, run_id: str) -> Path:
     return Path(results_dir) / f"{run_id}.json"
 
 
-def make_optimizer(config: TrainConfig, params) -> torch.optim.Optimizer:
-    if config.optimizer == "sgd":
-        return torch.optim.SGD(
-            params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
-        )
-    return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
-
-
 @torch.no_grad()
 def evaluate(
     model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, dist: DistInfo = SINGLE
@@ -122,7 +115,7 @@ def evaluate(
 def save_weights(model: torch.nn.Module, path: Path) -> None:
     """The final weights beside the result (state_dict, atomically written)."""
     buf = io.BytesIO()
-    torch.save(model.state_dict(), buf)
+    torch.save({k: v.contiguous() for k, v in model.state_dict().items()}, buf)  # not views into one
     atomic_write_bytes(path, buf.getvalue())
 
 
@@ -258,22 +251,19 @@ def _run(config, record, history, data_dir, progress, t_start, dist, path, stop)
         }
         # -- data, decoded once and kept on the device
         ds = mnist_data.load(data_dir, device=device)
+
+        # -- model, and the step that trains it with its optimizer (DDP: the same model, wrapped;
+        #    gradients are all-reduced), and where an earlier attempt of this run stopped, if it left a
+        #    checkpoint
+        model = build_model(config.model).to(device)
+        step = make_step(config, model, ds, dist, device)
+        optimizer = step.optimizer
         synchronize(device)
         data_load_s = time.perf_counter() - t_start
-
-        # -- model and optimizer (DDP: the same model, wrapped; gradients are all-reduced), and where an
-        #    earlier attempt of this run stopped, if it left a checkpoint
-        model = build_model(config.model).to(device)
-        optimizer = make_optimizer(config, model.parameters())
         saved = ckpt.load(ckpt_file, config)  # every rank reads the same file
         if saved is not None:
             model.load_state_dict(saved["model"])
             optimizer.load_state_dict(saved["optimizer"])
-        net = model
-        if dist.distributed:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
-            net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
         log = (progress is not None or not dist.is_main) and dist.is_main
 
         # -- the loop's state: fresh, or exactly as the checkpoint left it
@@ -337,21 +327,8 @@ def _run(config, record, history, data_dir, progress, t_start, dist, path, stop)
             if not batches:
                 batches = mnist_data.epoch_batches(len(ds.train_y), config.batch_size, shuffle_gen, device)
                 batches.reverse()  # pop() from the end = batches in permutation order
-            idx = batches.pop()
-            if dist.distributed:
-                # This rank's share of the global batch; the loss is normalised by the global batch
-                # (DDP averages over ranks), so the update equals the single-process one.
-                shard = idx[dist.rank :: dist.world_size]
-                x, y = ds.train_x.index_select(0, shard), ds.train_y.index_select(0, shard)
-                loss = F.cross_entropy(net(x), y, reduction="sum") * (dist.world_size / len(idx))
-            else:
-                x, y = ds.train_x.index_select(0, idx), ds.train_y.index_select(0, idx)
-                loss = F.cross_entropy(net(x), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            step(batches.pop(), loss_sum)
             it += 1
-            loss_sum += loss.detach()
             loss_count += 1
 
             is_eval = it % config.eval_every == 0 or it == config.iters

@@ -1,0 +1,141 @@
+"""One optimisation step on one batch: the body of train()'s loop, in two implementations.
+
+AutogradStep  any model, one process or DDP: forward, cross-entropy, backward, optimizer.step().
+LogRegStep    logreg in one process, without autograd. Linear(784, 10) + cross-entropy has a closed-form
+              gradient: dL/dlogits = (softmax - onehot) / B and dL/d[W b] = dL/dlogits^T @ [x 1]. The bias
+              is kept as a 785th weight column against a constant-1 input column, so the forward pass is
+              one GEMM and plain SGD is one fused GEMM update (addmm_); momentum, weight decay and Adam get
+              the gradient and step with torch.optim as usual. The same maths as autograd in a third of
+              the calls: about 2x the autograd step on a 2-core CPU (the tutorial run: 0.46 s -> 0.22 s),
+              and fewer kernel launches on a GPU. Float rounding differs from autograd's (tested to agree).
+
+Both take the batch's indices into the training set and add the batch's mean loss into `loss_sum`, a
+0-dim tensor on the device (never read here: no host sync per step). `make_step` picks one.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.nn import functional as F
+
+from .config import TrainConfig
+from .device import DistInfo
+
+
+def make_optimizer(config: TrainConfig, params) -> torch.optim.Optimizer:
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(
+            params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+        )
+    return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+
+
+class AutogradStep:
+    """forward, loss, backward, step - under DDP on this rank's shard of the global batch."""
+
+    def __init__(self, config: TrainConfig, model: torch.nn.Module, ds, dist: DistInfo, device: torch.device):
+        self.model, self.x, self.y, self.dist = model, ds.train_x, ds.train_y, dist
+        self.optimizer = make_optimizer(config, model.parameters())
+        self.net = model
+        if dist.distributed:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            self.net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    def __call__(self, idx: torch.Tensor, loss_sum: torch.Tensor) -> None:
+        if self.dist.distributed:
+            # This rank's share of the global batch; the loss is normalised by the global batch (DDP
+            # averages over ranks), so the update equals the single-process one.
+            shard = idx[self.dist.rank :: self.dist.world_size]
+            x, y = self.x.index_select(0, shard), self.y.index_select(0, shard)
+            loss = F.cross_entropy(self.net(x), y, reduction="sum") * (self.dist.world_size / len(idx))
+        else:
+            x, y = self.x.index_select(0, idx), self.y.index_select(0, idx)
+            loss = F.cross_entropy(self.net(x), y)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        loss_sum += loss.detach()
+
+
+ROW = 800  # floats per row of the (B, 785) inputs and (10, 785) weights: 64-byte aligned rows make the
+#           GEMMs about 15 % faster than a leading dimension of 785
+
+
+def input_buffer(batch_size: int, like: torch.Tensor) -> torch.Tensor:
+    """(batch_size, 785) inputs as a view of a (batch_size, ROW) buffer whose 785th column, the bias's
+    input, is 1."""
+    buf = torch.zeros(batch_size, ROW, dtype=like.dtype, device=like.device)
+    buf[:, 784] = 1
+    return buf[:, :785]
+
+
+def fold_bias(linear: torch.nn.Linear) -> torch.Tensor:
+    """[W b] as one (10, 785) tensor (a view of a (10, ROW) buffer), and the layer's weight and bias
+    turned into views of it, so the model (evaluation, state_dict, checkpoints) always sees the weights
+    being trained."""
+    buf = torch.zeros(10, ROW, dtype=linear.weight.dtype, device=linear.weight.device)
+    buf[:, :784] = linear.weight.detach()
+    buf[:, 784] = linear.bias.detach()
+    linear.weight.data = buf[:, :784]
+    linear.bias.data = buf[:, 784]
+    return buf[:, :785]
+
+
+def logreg_step(
+    wb: torch.Tensor,
+    xb: torch.Tensor,
+    yt: torch.Tensor,
+    loss_sum: torch.Tensor,
+    sgd_lr: float | None,
+    grad_out: torch.Tensor | None = None,
+) -> None:
+    """One step of Linear + cross-entropy on inputs xb (B, 785) and transposed one-hot labels yt (10, B).
+
+    Adds the batch's mean loss into loss_sum (0-dim). With sgd_lr: wb -= sgd_lr * gradient, fused into
+    one GEMM; else the gradient goes into grad_out for an optimizer. The logits are kept transposed,
+    (10, B): a softmax over 10 rows of B contiguous values is 5x faster than over B rows of 10.
+    Packed runs (exact mode) call this per model."""
+    b = xb.shape[0]
+    logp = torch.log_softmax(torch.mm(wb, xb.t()), 0)
+    loss_sum.view(1).addmv_(logp.view(1, -1), yt.view(-1), alpha=-1.0 / b)  # += mean(-logp[y])
+    g = logp.exp_().sub_(yt)  # softmax - onehot = B * dL/dlogits, (10, B)
+    if sgd_lr is not None:
+        wb.addmm_(g, xb, alpha=-sgd_lr / b)
+    else:
+        torch.mm(g, xb, out=grad_out)
+        grad_out.mul_(1.0 / b)
+
+
+class LogRegStep:
+    """Linear(784, 10) + cross-entropy with its closed-form gradient (see the module docstring)."""
+
+    def __init__(self, config: TrainConfig, model: torch.nn.Module, ds, dist: DistInfo, device: torch.device):
+        self.x = ds.train_x.flatten(1)  # (n, 784), a view
+        self.onehot_t = F.one_hot(ds.train_y, 10).to(self.x.dtype).t().contiguous()  # (10, n)
+        self.wb = fold_bias(model.linear)
+        self.optimizer = make_optimizer(config, [self.wb])
+        plain = config.optimizer == "sgd" and config.momentum == 0 and config.weight_decay == 0
+        self.sgd_lr = config.lr if plain else None
+        if not plain:
+            self.wb.grad = torch.zeros(10, ROW, dtype=self.x.dtype, device=device)[:, :785]
+        # gather into preallocated buffers (a fresh 300 KB tensor per step costs an mmap/munmap pair);
+        # the inputs' 785th column, the bias's input, stays 1
+        self._xb = input_buffer(config.batch_size, self.x)
+        self._pixels = self._xb[:, :-1]
+
+    def __call__(self, idx: torch.Tensor, loss_sum: torch.Tensor) -> None:
+        xb, pixels = self._xb, self._pixels
+        if idx.shape[0] != xb.shape[0]:  # an epoch's last, partial batch
+            xb = xb[: idx.shape[0]]
+            pixels = xb[:, :-1]
+        torch.index_select(self.x, 0, idx, out=pixels)
+        logreg_step(self.wb, xb, self.onehot_t.index_select(1, idx), loss_sum, self.sgd_lr, self.wb.grad)
+        if self.sgd_lr is None:
+            self.optimizer.step()
+
+
+def make_step(config: TrainConfig, model: torch.nn.Module, ds, dist: DistInfo, device: torch.device):
+    """LogRegStep for logreg in one process; AutogradStep for everything else (the CNN, DDP)."""
+    kind = LogRegStep if config.model == "logreg" and not dist.distributed else AutogradStep
+    return kind(config, model, ds, dist, device)
