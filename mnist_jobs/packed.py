@@ -64,7 +64,7 @@ from .train import EVAL_CHUNK, Progress, ProgressFn, error_info, new_record, res
 PACK_KEYS: tuple[str, ...] = ("model", "optimizer", "batch_size", "iters", "eval_every", "device")
 PER_RUN_KEYS: tuple[str, ...] = ("lr", "momentum", "weight_decay", "seed")
 
-ADAM_BETAS = (0.9, 0.999)  # torch.optim.Adam defaults, as `train.make_optimizer` uses them
+ADAM_BETAS = (0.9, 0.999)  # torch.optim.Adam defaults, as `steps.make_optimizer` uses them
 ADAM_EPS = 1e-8
 DROPOUT_P = 0.5  # models.CNN: nn.Dropout2d() and F.dropout(), both p = 0.5
 EVAL_BUDGET_BYTES = 256 << 20  # activations of one batched evaluation pass, at most (1 sample/model min)
