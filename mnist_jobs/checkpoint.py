@@ -1,18 +1,22 @@
-"""Checkpoints: everything a run needs to carry on exactly where it stopped, in one atomic file.
+"""Checkpoints: everything a run (or a pack of runs) needs to carry on exactly where it stopped, in one
+atomic file.
 
-`<run_id>.ckpt.pt` sits beside the run's result. It holds the model and optimizer state, the RNG
-states (torch CPU, CUDA or MPS, python `random`, the shuffling generator), the rest of the current
-epoch's batches, the loss accumulators, the history and the timings so far: enough for a resumed run
-to give bit for bit the history of an uninterrupted one (on the CPU; CUDA kernels may not be
-deterministic). It is rewritten atomically (temp file, fsync, rename) every `--checkpoint-every`
-iterations and when the job is told to stop (preemption, time limit, scancel, scontrol requeue), so
-the file on disk is always the newest complete checkpoint. A file that cannot be read, or belongs to
-another config, is ignored with a warning and never loaded. Once the completed result is written the
-checkpoint is deleted.
+`<run_id>.ckpt.pt` sits beside a lone run's result; a pack's is `pack-<hash of its run ids>.ckpt.pt`,
+one file for all its models, so the pack's runs can never be found at different iterations. It holds the
+training loop's state (`train.LoopState`: iteration, histories, loss accumulators, the shuffling
+generators, the rest of the epoch's batches, timings), the population's (`steps.make_population`:
+models, optimizers, a pack's per-model dropout RNG states) and every rank's RNG states (torch CPU, CUDA
+or MPS, python `random`) and partial loss: enough for a resumed run to give bit for bit the history of
+an uninterrupted one (on the CPU; CUDA kernels may not be deterministic). It is rewritten atomically
+(temp file, fsync, rename) every `--checkpoint-every` iterations and when the job is told to stop
+(preemption, time limit, scancel, scontrol requeue), so the file on disk is always the newest complete
+checkpoint. A file that cannot be read, or belongs to another config, is ignored with a warning and
+never loaded. Once the completed result is written the checkpoint is deleted.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import random
 import warnings
@@ -25,7 +29,7 @@ from .config import TrainConfig
 from .results import atomic_write_bytes
 
 CKPT_KIND = "mnist-jobs/checkpoint"
-CKPT_FORMAT = 1
+CKPT_FORMAT = 2  # 2: one file per population (lone run or pack); format 1 files are ignored
 SUFFIX = ".ckpt.pt"
 SHORT_RUN = 2000  # runs shorter than this are not checkpointed periodically (they restart in seconds)
 MIN_EVERY = 1000  # default: every max(1000, iters / 20) iterations
@@ -34,6 +38,14 @@ MAX_PER_RUN = 20
 
 def checkpoint_path(results_dir: Path | str, run_id: str) -> Path:
     return Path(results_dir) / f"{run_id}{SUFFIX}"
+
+
+def population_path(results_dir: Path | str, run_ids: list[str]) -> Path:
+    """A lone run's checkpoint is `<run_id>.ckpt.pt`; a pack's is named after its members."""
+    if len(run_ids) == 1:
+        return checkpoint_path(results_dir, run_ids[0])
+    digest = hashlib.sha256("\n".join(run_ids).encode()).hexdigest()[:12]
+    return Path(results_dir) / f"pack-{digest}{SUFFIX}"
 
 
 def resolve_every(every: int | None, iters: int) -> int:
@@ -76,9 +88,9 @@ def save(path: Path, state: dict[str, Any]) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-def load(path: Path, config: TrainConfig) -> dict[str, Any] | None:
-    """The checkpoint at `path` if there is a usable one for `config`, else None (with a warning when a
-    file exists but is corrupt, foreign or from another config: it is never loaded)."""
+def load(path: Path, configs: list[TrainConfig], run_ids: list[str]) -> dict[str, Any] | None:
+    """The checkpoint at `path` if there is a usable one for these runs, else None (with a warning when
+    a file exists but is corrupt, foreign or from other runs or configs: it is never loaded)."""
     if not path.exists():
         return None
     try:
@@ -87,14 +99,16 @@ def load(path: Path, config: TrainConfig) -> dict[str, Any] | None:
             raise ValueError("not an mnist-jobs checkpoint")
         if state.get("format") != CKPT_FORMAT:
             raise ValueError(f"checkpoint format {state.get('format')!r}, this version reads {CKPT_FORMAT}")
-        saved = TrainConfig.from_dict(state["config"])
-        if saved.config_id() != config.config_id():
+        saved = [TrainConfig.from_dict(c).config_id() for c in state["configs"]]
+        if saved != [c.config_id() for c in configs]:
             raise ValueError("it belongs to another config")
-        if not 0 < int(state["iteration"]) <= config.iters:
-            raise ValueError(f"iteration {state['iteration']!r} out of range")
-        for key in ("model", "optimizer", "per_rank", "shuffle_rng", "batches", "history", "timings"):
+        if list(state.get("run_ids", ())) != list(run_ids):
+            raise ValueError(f"it belongs to other runs ({', '.join(map(str, state.get('run_ids', ())))})")
+        for key in ("loop", "population", "per_rank"):
             if key not in state:
                 raise ValueError(f"missing {key!r}")
+        if not 0 < int(state["loop"]["iteration"]) <= configs[0].iters:
+            raise ValueError(f"iteration {state['loop']['iteration']!r} out of range")
     except Exception as e:  # corrupt, truncated, foreign: ignore, never load
         warnings.warn(f"ignoring unusable checkpoint {path}: {type(e).__name__}: {e}", stacklevel=2)
         return None

@@ -421,6 +421,11 @@ def _launch(configs, values, v: dict[str, Any], slurm, *, name: str | None) -> N
     kind = _executor_kind(v["executor"], v)
     if v["pack"] < 1:
         fail(f"--pack must be >= 1 (got {v['pack']})")
+    if v["pack"] > 1 and (slurm.tasks_per_node > 1 or slurm.nodes > 1):
+        fail(
+            f"--pack {v['pack']} cannot be combined with several tasks per job (--tasks-per-node "
+            f"{slurm.tasks_per_node}, --nodes {slurm.nodes}): a pack trains in one process"
+        )
     if v["max_parallel"] is not None and v["max_parallel"] < 1:
         fail(f"--max-parallel must be >= 1 (got {v['max_parallel']})")
     if kind != "slurm" and slurm.nodes > 1:
@@ -466,7 +471,7 @@ def _launch(configs, values, v: dict[str, Any], slurm, *, name: str | None) -> N
 
         for run_id in todo:
             checkpoint_path(folder, run_id).unlink(missing_ok=True)
-    tasks, groups = _make_tasks([by_id[r] for r in todo], todo, folder, v)
+    tasks, groups = _make_tasks([by_id[r] for r in todo], todo, folder, v, kind)
     if kind == "slurm":
         _submit(console, name, folder, tasks, groups, values, slurm, v, by_id)
     else:
@@ -517,27 +522,38 @@ def _preflight_common(data_dir: Path | None, results_dir: Path) -> None:
         fail(str(e))
 
 
-def _make_tasks(configs, run_ids, folder: Path, v: dict[str, Any]):
-    """One TrainTask per run, or per pack of runs (--pack N)."""
+def _plan_groups(configs, pack: int) -> list[list[int]]:
+    """The runs each task trains, as indices into `configs`: one per task, or packs (--pack N).
+
+    The one grouping both the submission and the dry run use, so the dry run shows the real tasks."""
+    if pack <= 1:
+        return [[i] for i in range(len(configs))]
+    from .packed import PackError, group_for_packing
+
+    try:
+        return group_for_packing(configs, pack)
+    except PackError as e:
+        fail(str(e))
+
+
+def _make_tasks(configs, run_ids, folder: Path, v: dict[str, Any], kind: str):
+    """One TrainTask per run, or per pack of runs (--pack N).
+
+    A pack is sized on the machine that trains it: here for the local executors; for SLURM the compute
+    node checks it at run time (the login node may have no GPU, or another one)."""
     from .launch import TrainTask
 
     data_dir = str(v["data_dir"]) if v["data_dir"] else None
-    if v["pack"] > 1:
-        from .packed import PackError, check_pack_fits, group_for_packing
+    groups = _plan_groups(configs, v["pack"])
+    if kind != "slurm" and v["pack"] > 1:
+        from .device import DeviceError, select_device
+        from .packed import PackError, check_pack_fits
 
-        groups = group_for_packing(configs, v["pack"])
         for g in groups:
             try:
-                if v["executor"] != "slurm":
-                    import torch  # noqa: F401 - only to size the pack on this machine
-
-                    from .device import select_device
-
-                    check_pack_fits(configs[g[0]], len(g), select_device(configs[g[0]].device))
-            except PackError as e:
+                check_pack_fits(configs[g[0]], len(g), select_device(configs[g[0]].device))
+            except (PackError, DeviceError) as e:
                 fail(str(e))
-    else:
-        groups = [[i] for i in range(len(configs))]
     tasks = [
         TrainTask(
             configs=[configs[i].to_dict() for i in g],
@@ -567,9 +583,18 @@ def _print_dry_run(console, configs, run_ids, values, folder, name, slurm, v, ki
     for rid, c in zip(run_ids, configs):
         table.add_row(rid, *(str(getattr(c, k)) for k in swept))
     console.print(table)
-    n_tasks = -(-len(configs) // v["pack"])
+    groups = _plan_groups(configs, v["pack"])
+    n_tasks = len(groups)
+    if v["pack"] > 1:
+        console.print(f"{n_tasks} task(s) of at most {v['pack']} run(s) each (packs as submitted):")
+        for i, g in enumerate(groups):  # plain lines, never wrapped: one task per line
+            typer.echo(f"  task {i}: {', '.join(run_ids[j] for j in g)}")
+    else:
+        console.print(f"{n_tasks} task(s), one run each")
     if kind == "slurm":
-        ex = slurm_executor(folder / LOG_DIR, name, slurm, v["max_parallel"], dry_run=True)
+        ex = slurm_executor(
+            folder / LOG_DIR, name, slurm, v["max_parallel"], dry_run=True, max_requeues=v["max_requeues"]
+        )
         limit = max_array_size()
         per = min(n_tasks, limit) if limit else n_tasks
         if limit and n_tasks > limit:

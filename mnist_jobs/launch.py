@@ -148,22 +148,7 @@ class TrainTask(Checkpointable):
                 todo, skipped = self._claim(claims)
             configs = [TrainConfig.from_dict(self.configs[i]) for i in todo]
             run_ids = [self.run_ids[i] for i in todo]
-            if len(configs) == 1:
-                records = [self._train_one(configs[0], run_ids[0], dist)]
-            elif configs:
-                if dist.distributed:
-                    raise ConfigError("--pack cannot be combined with several tasks per job (DDP)")
-                from .packed import train_packed
-
-                records = train_packed(
-                    configs,
-                    results_dir=self.results_dir,
-                    run_ids=run_ids,
-                    data_dir=self.data_dir,
-                    extra=self.extra,
-                )
-            else:
-                records = []
+            records = self._train(configs, run_ids, dist) if configs else []
         done = [
             {"run_id": r["run_id"], "status": r["status"], "test_accuracy": r["metrics"].get("test_accuracy")}
             for r in records
@@ -187,17 +172,18 @@ class TrainTask(Checkpointable):
             todo.append(i)
         return todo, skipped
 
-    def _train_one(self, config: TrainConfig, run_id: str, dist) -> dict[str, Any]:
-        """One run, with the stop signals routed to its loop (which checkpoints, then stops)."""
-        from .train import Interrupted, StopFlag, train
+    def _train(self, configs: list[TrainConfig], run_ids: list[str], dist) -> list[dict[str, Any]]:
+        """One run or a pack (the same loop), with the stop signals routed to it (it checkpoints, then
+        stops)."""
+        from .train import Interrupted, StopFlag, train_pack
 
         stop = StopFlag()
         with _signals_set(stop, (signal.SIGUSR2, signal.SIGTERM)) as previous:
             try:
-                return train(
-                    config,
+                return train_pack(
+                    configs,
                     results_dir=self.results_dir,
-                    run_id=run_id,
+                    run_ids=run_ids,
                     data_dir=self.data_dir,
                     extra=self.extra,
                     dist=dist,
@@ -210,7 +196,7 @@ class TrainTask(Checkpointable):
                 submitit_handler = previous.get(signal.SIGUSR2)
                 if e.signum != signal.SIGUSR2 or not callable(submitit_handler) or not dist.is_main:
                     raise  # SIGTERM: SLURM requeues or cancels the job itself; the checkpoint is on disk
-                if self.requeue_count() >= self.max_requeues and e.record is not None:
+                if self.requeue_count() >= self.max_requeues:
                     _write_failed(e, self)  # no requeue left: the run ends failed, and says why
                 # submitit's own handler: calls self.checkpoint(), requeues the job and exits (or, with
                 # no requeue left, raises UncompletedJobError so the job ends failed)
@@ -267,17 +253,18 @@ def _under_slurm() -> bool:
 
 
 def _write_failed(e, task: TrainTask) -> None:
-    """The failed record of a run stopped by a time limit / preemption with no requeue left."""
-    record = dict(e.record)
+    """The failed records of runs stopped by a time limit / preemption with no requeue left."""
     message = (
         f"stopped at iteration {e.iteration} by a time limit or preemption after {task.requeue_count()} "
         f"requeue(s) (--max-requeues {task.max_requeues}); its checkpoint is kept: "
         "`mnist-jobs sweep ... --retry-failed` resumes it"
     )
-    record["status"] = "failed"
-    record["error"] = {"type": "RequeueLimit", "message": message, "traceback": None}
-    record.pop("result_path", None)
-    atomic_write_json(Path(task.results_dir) / f"{record['run_id']}.json", record)
+    for rec in e.records:
+        record = dict(rec)
+        record["status"] = "failed"
+        record["error"] = {"type": "RequeueLimit", "message": message, "traceback": None}
+        record.pop("result_path", None)
+        atomic_write_json(Path(task.results_dir) / f"{record['run_id']}.json", record)
 
 
 @contextlib.contextmanager

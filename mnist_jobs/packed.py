@@ -1,11 +1,15 @@
-"""Packed training: many small configurations of one model trained together in one process.
+"""Packs: many small configurations of one model trained together in one process.
 
-    records = train_packed(configs, results_dir="results", run_ids=ids)
+    records = train.train_pack(configs, results_dir="results", run_ids=ids)
 
-The N models' parameters are stacked into (N, ...) tensors and trained in lockstep: the data is loaded
-once, each step gathers all N batches in one index, computes the N losses and gradients, and updates
-all N models with one set of batched (`torch._foreach_*`) optimizer calls. Each model keeps its own
-learning rate, momentum, weight decay and seed, and computes exactly what it would alone:
+train()'s one loop trains a pack as it trains a lone run (checkpoints, signals, requeue, weights and
+records are the loop's); what is specific to packs lives here: the stacked models and how they step
+(`_LogRegPack`, `_Pack`, made by `steps.make_population`), the packed optimizers, grouping a grid into
+packs, and memory sizing. The N models' parameters are stacked into (N, ...) tensors and trained in
+lockstep: the data is loaded once, each step gathers all N batches in one index, computes the N losses
+and gradients, and updates all N models with one set of batched (`torch._foreach_*`) optimizer calls.
+Each model keeps its own learning rate, momentum, weight decay and seed, and computes exactly what it
+would alone:
 
 * its initial weights are `torch.manual_seed(seed); build_model(name)`, as in `train`;
 * it draws its own batch order from `torch.Generator().manual_seed(seed)` via `data.epoch_batches`;
@@ -28,7 +32,6 @@ batched / seed-grouped ones match up to float rounding (and a GPU's own run-to-r
 which training amplifies like any perturbation: a few tenths of a point early in training at high lr
 for the CNN; 0.01 points for the 24-run logreg grid.
 
-Each run still gets its own ordinary result file (plus `packed_with` and `timings.pack_size`).
 No typer, rich or submitit in here.
 """
 
@@ -36,7 +39,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -44,13 +46,10 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 
-from . import data as mnist_data
 from .config import TEST_SIZE, TRAIN_SIZE, TrainConfig
-from .device import device_name, select_device, synchronize
-from .models import build_model
-from .results import atomic_write_json, utc_now
-from .steps import ROW, logreg_step
-from .train import EVAL_CHUNK, Progress, ProgressFn, error_info, new_record, result_path
+from .device import select_device
+from .models import build_model, cnn_noise
+from .steps import EVAL_CHUNK, ROW, logreg_step
 
 # Fields that must be equal within a pack (see `group_for_packing`):
 #   model       - one architecture: the parameters are stacked into (N, ...) tensors;
@@ -66,7 +65,6 @@ PER_RUN_KEYS: tuple[str, ...] = ("lr", "momentum", "weight_decay", "seed")
 
 ADAM_BETAS = (0.9, 0.999)  # torch.optim.Adam defaults, as `steps.make_optimizer` uses them
 ADAM_EPS = 1e-8
-DROPOUT_P = 0.5  # models.CNN: nn.Dropout2d() and F.dropout(), both p = 0.5
 EVAL_BUDGET_BYTES = 256 << 20  # activations of one batched evaluation pass, at most (1 sample/model min)
 MEMORY_HEADROOM = 0.9  # a pack may use this fraction of the available memory
 
@@ -258,19 +256,9 @@ def _cnn_forward(p: dict[str, torch.Tensor], x: torch.Tensor, *masks: torch.Tens
     return F.linear(x, p["fc2.weight"], p["fc2.bias"])
 
 
-def _cnn_noise(batch: int, device: torch.device) -> list[torch.Tensor]:
-    """The CNN's dropout noise for one step, drawn by the very calls its forward makes, in its order:
-    `F.dropout2d` on (B, 20, 8, 8) draws (B, 20, 1, 1), then `F.dropout` on (B, 50) (the fused kernel
-    on CUDA). Applied to ones, each returns its noise: 0 or 1 / (1 - p)."""
-    return [
-        F.dropout2d(torch.ones(batch, 20, 1, 1, device=device), DROPOUT_P, True),
-        F.dropout(torch.ones(batch, 50, device=device), DROPOUT_P, True),
-    ]
-
-
 # forward of one model, and the maker of its dropout noise for one training step (None: no dropout)
 FORWARDS: dict[str, tuple[Callable[..., torch.Tensor], Callable[..., list[torch.Tensor]] | None]] = {
-    "cnn": (_cnn_forward, _cnn_noise),
+    "cnn": (_cnn_forward, cnn_noise),
 }
 
 
@@ -309,7 +297,7 @@ class _Pack:
         are slower than the plain ones, so exact is also faster there.
     """
 
-    def __init__(self, configs: Sequence[TrainConfig], device: torch.device, exact: bool | None = None):
+    def __init__(self, configs: Sequence[TrainConfig], device: torch.device, ds, exact: bool | None = None):
         self.name = configs[0].model
         self.n = len(configs)
         self.device = device
@@ -331,6 +319,39 @@ class _Pack:
             self.leaves = [v.requires_grad_() for v in self.params.values()]
         # per model, its parameters as views into the stacked tensors (updated in place by the optimizer)
         self.views = [{k: v[m] for k, v in self.params.items()} for m in range(self.n)]
+        self.optimizer = _make_optimizer(configs, self.params)
+        self.x = ds.train_x.flatten(1)  # a 2-D gather is several times faster than a 4-D one on CPU
+        self.y = ds.train_y
+        self.image_shape = ds.train_x.shape[1:]
+        _, saved_per_sample = _model_sizes(self.name, configs[0].batch_size)
+        self.eval_sub = _eval_sub_chunk(saved_per_sample, self.n)
+
+    def step(self, idx: torch.Tensor, loss_sum: torch.Tensor) -> None:
+        """One step of every model on its batch idx[m] (N, B); each model's mean loss into loss_sum[m]."""
+        n, b = idx.shape
+        flat = idx.reshape(-1)
+        x = self.x.index_select(0, flat).view(n, b, *self.image_shape)
+        y = self.y.index_select(0, flat).view(n, b)
+        losses, grads = self.loss_and_grads(x, y)
+        self.optimizer.step(grads)
+        loss_sum += losses
+
+    def weights(self, m: int) -> dict[str, torch.Tensor]:
+        return {k: v[m].detach() for k, v in self.params.items()}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "params": {k: v.detach().clone() for k, v in self.params.items()},
+            "rng_states": [s.clone() for s in self.rng_states],
+            "optimizer": self.optimizer.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        with torch.no_grad():  # in place: the views and the optimizer keep pointing at them
+            for k, v in self.params.items():
+                v.copy_(state["params"][k])
+        self.rng_states = [s.clone() for s in state["rng_states"]]
+        self.optimizer.load_state_dict(state["optimizer"], self.device)
 
     def dropout_masks(self, batch: int) -> list[list[torch.Tensor]]:
         """Per model, its noise tensors for this step, drawn with its own RNG state."""
@@ -375,13 +396,13 @@ class _Pack:
         return torch.stack([F.nll_loss(logp[m], y[m]) for m in range(self.n)])
 
     @torch.no_grad()
-    def eval_logits(self, xs: torch.Tensor, sub: int) -> torch.Tensor:
+    def eval_logits(self, xs: torch.Tensor) -> torch.Tensor:
         """(N, len(xs), 10) logits of every model on the shared images `xs`: exact, per model as the
-        lone evaluation computes them; else vmapped, `sub` images a pass."""
+        lone evaluation computes them; else vmapped, `eval_sub` images a pass."""
         if self.exact:
             return torch.stack([self.forward(p, xs) for p in self.views])
         params = {k: v.detach() for k, v in self.params.items()}
-        return torch.cat([self.eval_fn(params, part) for part in xs.split(sub)], dim=1)
+        return torch.cat([self.eval_fn(params, part) for part in xs.split(self.eval_sub)], dim=1)
 
 
 class _LogRegPack:
@@ -503,8 +524,19 @@ class _LogRegPack:
             grads = torch.bmm(g.view(n_groups, k * 10, b), xb).mul_(1.0 / b)
             self.gbuf[start:end, :, :785] = grads.view(end - start, 10, 785)
 
+    def weights(self, m: int) -> dict[str, torch.Tensor]:
+        return {k: v[m] for k, v in self.params.items()}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"buf": self.buf.clone(), "optimizer": self.opt.state_dict() if self.opt else None}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.buf.copy_(state["buf"])  # in place: the per-model views point into it
+        if self.opt is not None:
+            self.opt.load_state_dict(state["optimizer"], self.device)
+
     @torch.no_grad()
-    def eval_logits(self, xs: torch.Tensor, sub: int) -> torch.Tensor:
+    def eval_logits(self, xs: torch.Tensor) -> torch.Tensor:
         """(N, len(xs), 10) logits: exact, per model as the lone evaluation computes them (model(xs));
         else one GEMM for the whole pack."""
         xs = xs.flatten(1)
@@ -562,6 +594,12 @@ class _PackedSGD:
         self.momentum = [configs[m].momentum for m in self.mom_models]
         self.buffers: list[list[torch.Tensor] | None] = [None] * len(self.params)
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"buffers": [None if b is None else [t.clone() for t in b] for b in self.buffers]}
+
+    def load_state_dict(self, state: dict[str, Any], device: torch.device) -> None:
+        self.buffers = [None if b is None else [t.to(device) for t in b] for b in state["buffers"]]
+
     @torch.no_grad()
     def step(self, grads: Sequence[torch.Tensor]) -> None:
         for i, (p, g) in enumerate(zip(self.params, grads)):
@@ -592,6 +630,18 @@ class _PackedAdam:
         self.exp_avg_sq = [[torch.zeros_like(t) for t in p] for p in self.params]
         self.steps = 0
 
+    def state_dict(self) -> dict[str, Any]:
+        copy = (
+            [[t.clone() for t in p] for p in self.exp_avg],
+            [[t.clone() for t in p] for p in self.exp_avg_sq],
+        )
+        return {"exp_avg": copy[0], "exp_avg_sq": copy[1], "steps": self.steps}
+
+    def load_state_dict(self, state: dict[str, Any], device: torch.device) -> None:
+        self.exp_avg = [[t.to(device) for t in p] for p in state["exp_avg"]]
+        self.exp_avg_sq = [[t.to(device) for t in p] for p in state["exp_avg_sq"]]
+        self.steps = int(state["steps"])
+
     @torch.no_grad()
     def step(self, grads: Sequence[torch.Tensor]) -> None:
         beta1, beta2 = ADAM_BETAS
@@ -618,198 +668,6 @@ def _make_optimizer(configs: Sequence[TrainConfig], params: dict[str, torch.Tens
     return _PackedAdam(configs, params) if configs[0].optimizer == "adam" else _PackedSGD(configs, params)
 
 
-# ---- training ----------------------------------------------------------------------------------
-
-
-def train_packed(
-    configs: Sequence[TrainConfig],
-    *,
-    results_dir: Path | str,
-    run_ids: Sequence[str],
-    data_dir: Path | str | None = None,
-    progress: ProgressFn | None = None,
-    extra: dict[str, Any] | Sequence[dict[str, Any]] | None = None,
-    exact: bool | None = None,
-) -> list[dict[str, Any]]:
-    """Train `configs` (sharing PACK_KEYS) together; write `<results_dir>/<run_id>.json` for each.
-
-    Each record is what `train` writes for that config, plus `packed_with` (the other run ids) and
-    `timings.pack_size`; timings are the pack's (data loaded once, one training loop). `extra` is merged
-    into every record, or given per run as a list. `exact=True` computes every model with its lone
-    run's own kernel calls, bit-identical on CPU; False batches the GEMMs / convolutions over the pack
-    (same maths up to float rounding; see `_LogRegPack`, `_Pack`). Default: logreg False (2.6x faster
-    on CPU), CNN True on CPU (there the grouped convolutions are slower) and False on GPUs. If anything fails,
-    every run of the pack gets a failed record and the exception is re-raised. Returns the records
-    (with `result_path`).
-    """
-    configs, run_ids = list(configs), list(run_ids)
-    if not configs or len(configs) != len(run_ids):
-        raise PackError(f"need one run id per config (got {len(configs)} configs, {len(run_ids)} ids)")
-    if len(set(run_ids)) != len(run_ids):
-        raise PackError("run ids in a pack must be distinct")
-    extras = list(extra) if isinstance(extra, (list, tuple)) else [extra or {}] * len(configs)
-    if len(extras) != len(configs):
-        raise PackError(f"need one extra dict per config (got {len(extras)} for {len(configs)} configs)")
-    records = [
-        new_record(cfg, rid, {**ex, "packed_with": [r for r in run_ids if r != rid]})
-        for cfg, rid, ex in zip(configs, run_ids, extras)
-    ]
-    histories: list[list[dict[str, Any]]] = [[] for _ in configs]
-    t_start = time.perf_counter()
-    try:
-        _run_packed(configs, records, histories, data_dir, progress, t_start, exact)
-        for rec in records:
-            rec["status"] = "completed"
-    except BaseException as e:
-        err = error_info(e)
-        for rec, hist in zip(records, histories):
-            rec["status"] = "failed"
-            rec["error"] = err
-            rec["metrics"].setdefault("history", hist)
-        raise
-    finally:
-        total_s = round(time.perf_counter() - t_start, 4)
-        finished = utc_now()
-        for rec, rid in zip(records, run_ids):
-            rec["finished_at"] = finished
-            rec["timings"]["total_s"] = total_s
-            rec["timings"]["pack_size"] = len(configs)
-            path = result_path(results_dir, rid)
-            atomic_write_json(path, rec)
-            rec["result_path"] = str(path)
-    return records
-
-
-def _run_packed(configs, records, histories, data_dir, progress, t_start, exact) -> None:
-    check_same_pack_keys(configs)
-    cfg0 = configs[0]
-    n, batch, iters = len(configs), cfg0.batch_size, cfg0.iters
-
-    # -- where; refuse a pack that would not fit, before loading anything
-    device = select_device(cfg0.device)
-    env = {
-        "device": str(device),
-        "device_name": device_name(device),
-        "cuda": torch.version.cuda if device.type == "cuda" else None,
-        "torch_threads": torch.get_num_threads(),
-    }
-    for rec in records:
-        rec["env"].update(env)
-    check_pack_fits(cfg0, n, device)
-
-    # -- data, decoded once for the whole pack
-    ds = mnist_data.load(data_dir, device=device)
-    synchronize(device)
-    data_load_s = time.perf_counter() - t_start
-
-    # -- models (each initialised as its lone run would be), optimizer, shuffling generators
-    if cfg0.model == "logreg":
-        pack, optimizer = _LogRegPack(configs, device, ds, bool(exact)), None
-    else:
-        pack = _Pack(configs, device, exact)
-        optimizer = _make_optimizer(configs, pack.params)
-    shuffle_gens = [torch.Generator().manual_seed(cfg.seed) for cfg in configs]
-    _, saved_per_sample = _model_sizes(cfg0.model, batch)
-    eval_sub = _eval_sub_chunk(saved_per_sample, n)
-
-    # -- the loop
-    flat_x = ds.train_x.flatten(1)  # a 2-D gather is several times faster than a 4-D one on CPU
-    train_s = eval_s = 0.0
-    loss_sum = torch.zeros(n, device=device)
-    loss_count = 0
-    batches: list[torch.Tensor] = []
-    it = 0
-    t_loop = time.perf_counter()
-    while it < iters:
-        if not batches:
-            perms = torch.stack(
-                [torch.cat(mnist_data.epoch_batches(len(ds.train_y), batch, g, device)) for g in shuffle_gens]
-            )
-            batches = list(perms.split(batch, dim=1))
-            batches.reverse()  # pop() from the end = batches in permutation order
-        if optimizer is None:  # logreg: the pack steps itself
-            pack.step(batches.pop(), loss_sum)
-        else:
-            idx = batches.pop().reshape(-1)
-            b = idx.numel() // n
-            x = flat_x.index_select(0, idx).view(n, b, *ds.train_x.shape[1:])
-            y = ds.train_y.index_select(0, idx).view(n, b)
-            losses, grads = pack.loss_and_grads(x, y)
-            optimizer.step(grads)
-            loss_sum += losses
-        it += 1
-        loss_count += 1
-
-        is_eval = it % cfg0.eval_every == 0 or it == iters
-        if is_eval or (progress is not None and it % 25 == 0):
-            train_losses = (loss_sum / loss_count).tolist()
-            mean_loss = sum(train_losses) / n
-        if is_eval:
-            synchronize(device)
-            t_eval = time.perf_counter()
-            train_s += t_eval - t_loop
-            accs, test_losses = _evaluate(pack, ds.test_x, ds.test_y, eval_sub)
-            for m in range(n):
-                histories[m].append(
-                    {
-                        "iteration": it,
-                        "epoch": round(it / cfg0.iters_per_epoch, 4),
-                        "train_loss": round(train_losses[m], 6),
-                        "test_loss": round(test_losses[m], 6),
-                        "test_accuracy": round(accs[m], 4),
-                    }
-                )
-            loss_sum.zero_()
-            loss_count = 0
-            mean_acc = sum(accs) / n
-            if progress is not None:
-                progress(Progress(it, iters, mean_loss, mean_acc))
-            else:
-                print(
-                    f"iter {it}/{iters}  pack of {n}  train_loss mean {mean_loss:.4f}  "
-                    f"test_acc mean {mean_acc:.2f}% (min {min(accs):.2f}, max {max(accs):.2f})",
-                    flush=True,
-                )
-            t_loop = time.perf_counter()
-            eval_s += t_loop - t_eval
-        elif progress is not None and it % 25 == 0:
-            progress(Progress(it, iters, mean_loss))
-    synchronize(device)
-    train_s += time.perf_counter() - t_loop
-
-    for rec, history in zip(records, histories):
-        final = history[-1]
-        rec["metrics"] = {
-            "test_accuracy": final["test_accuracy"],
-            "test_loss": final["test_loss"],
-            "final_train_loss": final["train_loss"],
-            "iterations": it,
-            "epochs": round(it / cfg0.iters_per_epoch, 4),
-            "history": history,
-        }
-        rec["timings"] = {
-            "data_load_s": round(data_load_s, 4),
-            "train_s": round(train_s, 4),
-            "eval_s": round(eval_s, 4),
-            "samples_per_s": round(it * batch / train_s, 1) if train_s > 0 else None,
-        }
-
-
-@torch.no_grad()
-def _evaluate(pack: _Pack, x: torch.Tensor, y: torch.Tensor, sub: int) -> tuple[list[float], list[float]]:
-    """Per model (accuracy %, mean cross-entropy), summed chunk by chunk exactly as `train.evaluate`."""
-    n = pack.n
-    correct = torch.zeros(n, dtype=torch.int64, device=x.device)
-    loss_sum = torch.zeros(n, dtype=torch.float64, device=x.device)
-    for xs, ys in zip(x.split(EVAL_CHUNK), y.split(EVAL_CHUNK)):
-        logits = pack.eval_logits(xs, sub)
-        for m in range(n):
-            loss_sum[m] += F.cross_entropy(logits[m], ys, reduction="sum").double()
-        correct += (logits.argmax(2) == ys).sum(1)
-    total = len(y)
-    return [100.0 * c / total for c in correct.tolist()], [s / total for s in loss_sum.tolist()]
-
-
 __all__ = [
     "PACK_KEYS",
     "PER_RUN_KEYS",
@@ -820,5 +678,4 @@ __all__ = [
     "group_for_packing",
     "max_pack_that_fits",
     "pack_key",
-    "train_packed",
 ]

@@ -1,4 +1,15 @@
-"""One optimisation step on one batch: the body of train()'s loop, in two implementations.
+"""The step: what trains a population of N >= 1 models on one batch each - the body of train()'s loop.
+
+`make_population(configs, ds, dist, device)` gives the population for 1 or N models; train()'s loop
+only ever talks to it through the same five calls: `step(idx, loss_sum)` (idx: (N, B) batch indices,
+loss_sum: (N,) running losses), `eval_logits(images)` -> (N, len, 10), `weights(m)` (model m's
+state_dict, loadable by `build_model(name)`), and `state_dict()` / `load_state_dict()` for checkpoints.
+
+Lone          one model (a population of one): a LogRegStep or an AutogradStep on an nn.Module.
+packed.py     N models stacked: `_LogRegPack` (closed-form logreg, seed-grouped GEMMs) and `_Pack` (the
+              CNN: per-model kernels on CPU, vmap on GPUs), with their packed optimizers.
+
+The lone steps, in two implementations:
 
 AutogradStep  any model, one process or DDP: forward, cross-entropy, backward, optimizer.step().
 LogRegStep    logreg in one process, without autograd. Linear(784, 10) + cross-entropy has a closed-form
@@ -20,6 +31,9 @@ from torch.nn import functional as F
 
 from .config import TrainConfig
 from .device import DistInfo
+from .models import build_model, cnn_noise
+
+EVAL_CHUNK = 5000  # test images per forward pass during evaluation
 
 
 def make_optimizer(config: TrainConfig, params) -> torch.optim.Optimizer:
@@ -34,9 +48,12 @@ class AutogradStep:
     """forward, loss, backward, step - under DDP on this rank's shard of the global batch."""
 
     def __init__(self, config: TrainConfig, model: torch.nn.Module, ds, dist: DistInfo, device: torch.device):
-        self.model, self.x, self.y, self.dist = model, ds.train_x, ds.train_y, dist
+        self.model, self.x, self.y, self.dist, self.device = model, ds.train_x, ds.train_y, dist, device
         self.optimizer = make_optimizer(config, model.parameters())
         self.net = model
+        # DDP + dropout: every rank draws the global batch's noise from the shared stream (same seed on
+        # every rank) and applies its shard's rows, so each sample is dropped as in the 1-process run
+        self.noise = cnn_noise if config.model == "cnn" and dist.distributed else None
         if dist.distributed:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -48,7 +65,12 @@ class AutogradStep:
             # averages over ranks), so the update equals the single-process one.
             shard = idx[self.dist.rank :: self.dist.world_size]
             x, y = self.x.index_select(0, shard), self.y.index_select(0, shard)
-            loss = F.cross_entropy(self.net(x), y, reduction="sum") * (self.dist.world_size / len(idx))
+            kw = {}
+            if self.noise is not None:
+                kw["masks"] = [
+                    n[self.dist.rank :: self.dist.world_size] for n in self.noise(len(idx), self.device)
+                ]
+            loss = F.cross_entropy(self.net(x, **kw), y, reduction="sum") * (self.dist.world_size / len(idx))
         else:
             x, y = self.x.index_select(0, idx), self.y.index_select(0, idx)
             loss = F.cross_entropy(self.net(x), y)
@@ -139,3 +161,52 @@ def make_step(config: TrainConfig, model: torch.nn.Module, ds, dist: DistInfo, d
     """LogRegStep for logreg in one process; AutogradStep for everything else (the CNN, DDP)."""
     kind = LogRegStep if config.model == "logreg" and not dist.distributed else AutogradStep
     return kind(config, model, ds, dist, device)
+
+
+class Lone:
+    """A population of one: `build_model` after `manual_seed(seed)`, trained by its `make_step`."""
+
+    n = 1
+
+    def __init__(self, config: TrainConfig, ds, dist: DistInfo, device: torch.device):
+        torch.manual_seed(config.seed)  # same seed on every rank: same init (and dropout stream)
+        self.model = build_model(config.model).to(device)
+        self._step = make_step(config, self.model, ds, dist, device)
+        self.optimizer = self._step.optimizer
+
+    def step(self, idx: torch.Tensor, loss_sum: torch.Tensor) -> None:
+        self._step(idx[0], loss_sum[0])
+
+    @torch.no_grad()
+    def eval_logits(self, xs: torch.Tensor) -> torch.Tensor:
+        self.model.eval()
+        try:
+            return self.model(xs).unsqueeze(0)
+        finally:
+            self.model.train()
+
+    def weights(self, m: int) -> dict[str, torch.Tensor]:
+        return self.model.state_dict()
+
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+
+
+def make_population(
+    configs: list[TrainConfig], ds, dist: DistInfo, device: torch.device, exact: bool | None = None
+):
+    """The models a run trains and how they step: Lone for one config, a pack for several (configs that
+    share packed.PACK_KEYS; `exact` as `packed._Pack` / `_LogRegPack` take it)."""
+    if len(configs) == 1:
+        return Lone(configs[0], ds, dist, device)
+    if dist.distributed:
+        raise ValueError("a pack trains in one process: it cannot be combined with DDP (several tasks)")
+    from .packed import _LogRegPack, _Pack
+
+    if configs[0].model == "logreg":
+        return _LogRegPack(configs, device, ds, bool(exact))
+    return _Pack(configs, device, ds, exact)

@@ -1,14 +1,20 @@
-"""One training run, top to bottom: the callable every job (local, SLURM, sweep task) executes.
+"""One training loop, top to bottom: the callable every job (local, SLURM, sweep task, pack) executes.
 
     result = train(TrainConfig(lr=0.01), results_dir="results")
+    records = train_pack([cfg_a, cfg_b], results_dir="results", run_ids=["a", "b"])
 
-writes `results/<run_id>.json` (atomically) and returns the same dict. A run that raises still leaves
-a record with status "failed" and the error. No typer, rich or submitit in here: progress goes to an
-optional callback (the CLI draws a rich bar with it) or, without one, to plain log lines.
+writes `results/<run_id>.json` per run (atomically) and returns the same dicts. A lone run is a pack of
+one: the same loop trains a population of N >= 1 models (`steps.make_population`) on 1..M ranks (DDP,
+N = 1), and everything around the step is written once - data, batch order, evaluation cadence,
+history, checkpoints and resume, stopping on a signal, the records and the weights. A run that raises
+still leaves a record with status "failed" and the error (every run of a pack does). No typer, rich or
+submitit in here: progress goes to an optional callback (the CLI draws a rich bar with it) or, without
+one, to plain log lines.
 
-Checkpoints (see checkpoint.py): a run finding `results/<run_id>.ckpt.pt` resumes from it; with
-`checkpoint_every=N` it writes one every N iterations; when `stop` (an Event the job's signal handlers
-set) is set, it writes one at the next iteration boundary and raises `Interrupted`, writing no result.
+Checkpoints (see checkpoint.py): a run finding its checkpoint (`<run_id>.ckpt.pt`, a pack's
+`pack-<hash>.ckpt.pt`) resumes from it; with `checkpoint_every=N` it writes one every N iterations;
+when `stop` (an Event the job's signal handlers set) is set, it writes one at the next iteration
+boundary and raises `Interrupted`, writing no result.
 """
 
 from __future__ import annotations
@@ -19,8 +25,8 @@ import shutil
 import threading
 import time
 import traceback
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -32,7 +38,7 @@ from . import checkpoint as ckpt
 from . import data as mnist_data
 from .config import TrainConfig
 from .device import SINGLE, DistInfo, all_reduce_sum, device_name, process_group, rank_device, synchronize
-from .models import build_model
+from .packed import PackError, check_pack_fits, check_same_pack_keys
 from .results import (
     RESULT_KIND,
     SCHEMA_VERSION,
@@ -42,23 +48,29 @@ from .results import (
     slurm_environment,
     utc_now,
 )
-from .steps import make_step
+from .steps import EVAL_CHUNK, make_population
 
-EVAL_CHUNK = 5000  # test images per forward pass during evaluation
 STOP_POLL_DDP = 20  # under DDP the ranks agree on a stop request every N iterations (one tiny all-reduce)
 
 
 class Interrupted(Exception):
     """The run was told to stop (preemption, time limit, scancel); it checkpointed first.
 
-    `record` is the unwritten result (status "interrupted"), `signum` the signal that asked for the stop.
+    `records` are the unwritten results (status "interrupted"; `record` is the first), `signum` the
+    signal that asked for the stop.
     """
 
-    def __init__(self, iteration: int, signum: int | None, record: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self, iteration: int, signum: int | None, records: list[dict[str, Any]] | None = None
+    ) -> None:
         super().__init__(f"stopped by signal {signum} after a checkpoint at iteration {iteration}")
         self.iteration = iteration
         self.signum = signum
-        self.record = record
+        self.records = records or []
+
+    @property
+    def record(self) -> dict[str, Any] | None:
+        return self.records[0] if self.records else None
 
 
 class StopFlag(threading.Event):
@@ -75,7 +87,7 @@ class StopFlag(threading.Event):
 class Progress:
     iteration: int
     total: int
-    train_loss: float
+    train_loss: float  # a pack's: the mean over its models
     test_accuracy: float | None = None  # set on evaluation steps
 
 
@@ -93,34 +105,34 @@ def result_path(results_dir: Path | str, run_id: str) -> Path:
 
 @torch.no_grad()
 def evaluate(
-    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, dist: DistInfo = SINGLE
-) -> tuple[float, float]:
-    """(accuracy in percent, mean cross-entropy) over a whole split; sharded over ranks under DDP."""
-    was_training = model.training
-    model.eval()
+    pop, x: torch.Tensor, y: torch.Tensor, dist: DistInfo = SINGLE
+) -> tuple[list[float], list[float]]:
+    """Per model of the population, (accuracy in percent, mean cross-entropy) over a whole split;
+    sharded over ranks under DDP."""
     if dist.distributed:
         x, y = x.tensor_split(dist.world_size)[dist.rank], y.tensor_split(dist.world_size)[dist.rank]
-    correct = torch.zeros((), dtype=torch.float64, device=x.device)
-    loss_sum = torch.zeros((), dtype=torch.float64, device=x.device)
+    correct = torch.zeros(pop.n, dtype=torch.float64, device=x.device)
+    loss_sum = torch.zeros(pop.n, dtype=torch.float64, device=x.device)
     for xs, ys in zip(x.split(EVAL_CHUNK), y.split(EVAL_CHUNK)):
-        logits = model(xs)
-        loss_sum += F.cross_entropy(logits, ys, reduction="sum").double()
-        correct += (logits.argmax(1) == ys).sum()
-    n = torch.tensor(float(len(y)), dtype=torch.float64, device=x.device)
-    all_reduce_sum(correct, loss_sum, n)
-    model.train(was_training)
-    return 100.0 * correct.item() / n.item(), loss_sum.item() / n.item()
+        logits = pop.eval_logits(xs)  # (N, len(xs), 10)
+        for m in range(pop.n):
+            loss_sum[m] += F.cross_entropy(logits[m], ys, reduction="sum").double()
+        correct += (logits.argmax(2) == ys).sum(1)
+    count = torch.tensor(float(len(y)), dtype=torch.float64, device=x.device)
+    all_reduce_sum(correct, loss_sum, count)
+    total = count.item()
+    return [100.0 * c / total for c in correct.tolist()], [s / total for s in loss_sum.tolist()]
 
 
-def save_weights(model: torch.nn.Module, path: Path) -> None:
-    """The final weights beside the result (state_dict, atomically written)."""
+def save_weights(state: dict[str, torch.Tensor], path: Path) -> None:
+    """A model's final weights beside its result (a state_dict, atomically written)."""
     buf = io.BytesIO()
-    torch.save({k: v.contiguous() for k, v in model.state_dict().items()}, buf)  # not views into one
+    torch.save({k: v.detach().contiguous() for k, v in state.items()}, buf)  # not views into one
     atomic_write_bytes(path, buf.getvalue())
 
 
 def new_record(config: TrainConfig, run_id: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The skeleton of a result file; `train` (and the packed trainer) fill in metrics and timings."""
+    """The skeleton of a result file; the loop fills in metrics and timings."""
     return {
         "schema_version": SCHEMA_VERSION,
         "kind": RESULT_KIND,
@@ -133,6 +145,7 @@ def new_record(config: TrainConfig, run_id: str, extra: dict[str, Any] | None = 
         "env": environment(),
         "slurm": slurm_environment(),
         "distributed": {"world_size": 1, "backend": None, "nodes": 1, "tasks_per_node": 1},
+        "packed_with": [],
         "started_at": utc_now(),
         "finished_at": None,
         **(extra or {}),
@@ -147,64 +160,93 @@ def error_info(e: BaseException) -> dict[str, Any]:
     }
 
 
-def train(
-    config: TrainConfig,
+def train(config: TrainConfig, *, run_id: str | None = None, **kwargs: Any) -> dict[str, Any]:
+    """Train one model as `config` says, write its JSON result (rank 0 only), return it: a pack of one
+    (`train_pack`'s keyword arguments)."""
+    return train_pack([config], run_ids=[run_id or default_run_id(config)], **kwargs)[0]
+
+
+def train_pack(
+    configs: Sequence[TrainConfig],
     *,
     results_dir: Path | str = "results",
-    run_id: str | None = None,
+    run_ids: Sequence[str],
     data_dir: Path | str | None = None,
     progress: ProgressFn | None = None,
-    extra: dict[str, Any] | None = None,
+    extra: dict[str, Any] | Sequence[dict[str, Any]] | None = None,
     dist: DistInfo = SINGLE,
     checkpoint_every: int | None = 0,
     stop: StopFlag | None = None,
     requeues: int = 0,
     max_requeues: int | None = None,
-) -> dict[str, Any]:
-    """Train one model as `config` says, write its JSON result (rank 0 only), return it.
+    exact: bool | None = None,
+) -> list[dict[str, Any]]:
+    """Train `configs` together (one, or several sharing packed.PACK_KEYS) and write one result per
+    run; return the records (with `result_path`).
 
-    Resumes from `<run_id>.ckpt.pt` when there is a usable one. `checkpoint_every`: N iterations between
-    checkpoints (0: none; None: the default rule of `checkpoint.resolve_every`). `requeues` and
-    `max_requeues` are only recorded (the job that requeues knows them).
+    Resumes from the runs' checkpoint when there is a usable one. `checkpoint_every`: N iterations
+    between checkpoints (0: none; None: the default rule of `checkpoint.resolve_every`). `requeues` and
+    `max_requeues` are only recorded (the job that requeues knows them). `extra` is merged into every
+    record, or given per run as a list. A pack's records add `packed_with` (the other run ids).
+    `exact` (packs only): True computes every model with its lone run's own kernel calls, bit-identical
+    on CPU; False batches GEMMs / convolutions over the pack; default: see `packed`.
     """
-    run_id = run_id or default_run_id(config)
-    path = result_path(results_dir, run_id)
-    record = new_record(config, run_id, extra)
-    record["checkpointing"] = {
-        "every": ckpt.resolve_every(checkpoint_every, config.iters),
-        "path": str(ckpt.checkpoint_path(results_dir, run_id)),
-        "resumed_from_iteration": None,
-        "resumes": 0,
-        "requeues": requeues,
-        "max_requeues": max_requeues,
-    }
-    history: list[dict[str, Any]] = []
+    configs, run_ids = list(configs), list(run_ids)
+    if not configs or len(configs) != len(run_ids):
+        raise PackError(f"need one run id per config (got {len(configs)} configs, {len(run_ids)} ids)")
+    if len(set(run_ids)) != len(run_ids):
+        raise PackError("run ids in a pack must be distinct")
+    extras = list(extra) if isinstance(extra, (list, tuple)) else [extra or {}] * len(configs)
+    if len(extras) != len(configs):
+        raise PackError(f"need one extra dict per config (got {len(extras)} for {len(configs)} configs)")
+    ckpt_file = ckpt.population_path(results_dir, run_ids)
+    records = []
+    for cfg, rid, ex in zip(configs, run_ids, extras):
+        rec = new_record(cfg, rid, {"packed_with": [r for r in run_ids if r != rid], **ex})
+        rec["checkpointing"] = {
+            "every": ckpt.resolve_every(checkpoint_every, cfg.iters),
+            "path": str(ckpt_file),
+            "resumed_from_iteration": None,
+            "resumes": 0,
+            "requeues": requeues,
+            "max_requeues": max_requeues,
+        }
+        records.append(rec)
+    paths = [result_path(results_dir, rid) for rid in run_ids]
+    histories: list[list[dict[str, Any]]] = [[] for _ in configs]
     t_start = time.perf_counter()
     try:
-        _run(config, record, history, data_dir, progress, t_start, dist, path, stop)
-        record["status"] = "completed"
+        _run(configs, records, histories, data_dir, progress, t_start, dist, paths, ckpt_file, stop, exact)
+        for rec in records:
+            rec["status"] = "completed"
     except Interrupted as e:
-        record["status"] = "interrupted"  # not written: the checkpoint carries the run
-        record["metrics"].setdefault("history", history)
-        e.record = record
+        for rec, history in zip(records, histories):
+            rec["status"] = "interrupted"  # not written: the checkpoint carries the run
+            rec["metrics"].setdefault("history", history)
+        e.records = records
         raise
     except BaseException as e:
-        record["status"] = "failed"
-        record["error"] = error_info(e)
-        record["metrics"].setdefault("history", history)
+        err = error_info(e)
+        for rec, history in zip(records, histories):
+            rec["status"] = "failed"
+            rec["error"] = err
+            rec["metrics"].setdefault("history", history)
         if dist.distributed:
-            _share_rank_error(path, dist, record)
+            _share_rank_error(paths[0], dist, records[0])
         raise
     finally:
-        record["finished_at"] = utc_now()
-        earlier = record["timings"].get("earlier_attempts_s", 0.0)  # when resumed: the time before
-        record["timings"]["total_s"] = round(time.perf_counter() - t_start + earlier, 4)
-        if dist.is_main and record["status"] != "interrupted":
-            atomic_write_json(path, record)
-        record["result_path"] = str(path)
-    if dist.is_main:  # the result is complete and on disk: the checkpoint has done its job
-        ckpt.checkpoint_path(results_dir, run_id).unlink(missing_ok=True)
-    return record
+        finished = utc_now()
+        for rec, path in zip(records, paths):
+            rec["finished_at"] = finished
+            earlier = rec["timings"].get("earlier_attempts_s", 0.0)  # when resumed: the time before
+            rec["timings"]["total_s"] = round(time.perf_counter() - t_start + earlier, 4)
+            rec["timings"]["pack_size"] = len(configs)
+            if dist.is_main and rec["status"] != "interrupted":
+                atomic_write_json(path, rec)
+            rec["result_path"] = str(path)
+    if dist.is_main:  # the results are complete and on disk: the checkpoint has done its job
+        ckpt_file.unlink(missing_ok=True)
+    return records
 
 
 def _share_rank_error(path: Path, dist: DistInfo, record: dict[str, Any]) -> None:
@@ -226,181 +268,242 @@ def _share_rank_error(path: Path, dist: DistInfo, record: dict[str, Any]) -> Non
     shutil.rmtree(errors, ignore_errors=True)
 
 
-def _run(config, record, history, data_dir, progress, t_start, dist, path, stop) -> None:
-    # -- where, and with which randomness
-    device = rank_device(config.device, dist)
-    if dist.distributed and config.batch_size < dist.world_size:
-        raise ValueError(f"--batch-size {config.batch_size} is smaller than the world size {dist.world_size}")
-    record["env"].update(
-        device=str(device),
-        device_name=device_name(device),
-        cuda=torch.version.cuda if device.type == "cuda" else None,
-        torch_threads=torch.get_num_threads(),
-    )
-    torch.manual_seed(config.seed)  # same seed on every rank: same init, same batch order
-    shuffle_gen = torch.Generator().manual_seed(config.seed)
-    ckpt_file = ckpt.checkpoint_path(path.parent, record["run_id"])
-    every = record["checkpointing"]["every"]
+@dataclass
+class LoopState:
+    """Everything the loop changes as it goes, in one object: a checkpoint saves it (with the
+    population's state and each rank's RNG) and a resume restores it, so a resumed run continues
+    bit for bit where it stopped."""
+
+    shuffle: list[torch.Generator]  # per model: its batch order (seeded by its config's seed)
+    loss_sum: torch.Tensor  # (N,) on the device: training losses since the last evaluation
+    histories: list[list[dict[str, Any]]]  # per model: one entry per evaluation
+    iteration: int = 0
+    loss_count: int = 0
+    batches: list[torch.Tensor] = field(default_factory=list)  # the epoch's pending (N, B) batches, reversed
+    train_s: float = 0.0
+    eval_s: float = 0.0
+    checkpoint_s: float = 0.0
+    earlier_s: float = 0.0  # total time of the attempts before this one
+
+    def next_batch(self, n_train: int, batch_size: int, device: torch.device) -> torch.Tensor:
+        """Model m's next batch is row m: each model shuffles each epoch with its own generator (as
+        DataLoader(shuffle=True) would, last batch partial)."""
+        if not self.batches:
+            perms = torch.stack([torch.randperm(n_train, generator=g) for g in self.shuffle]).to(device)
+            self.batches = list(perms.split(batch_size, dim=1))
+            self.batches.reverse()  # pop() from the end = batches in permutation order
+        return self.batches.pop()
+
+    def state_dict(self, total_s: float) -> dict[str, Any]:
+        pending = torch.cat(self.batches, dim=1).cpu() if self.batches else torch.zeros(0, dtype=torch.int64)
+        return {
+            "iteration": self.iteration,
+            "loss_count": self.loss_count,
+            "batches": (pending, [b.shape[1] for b in self.batches]),  # one tensor saves much faster
+            "shuffle_rng": [g.get_state() for g in self.shuffle],
+            "histories": self.histories,
+            "timings": {
+                "train_s": self.train_s,
+                "eval_s": self.eval_s,
+                "checkpoint_s": self.checkpoint_s,
+                "total_s": total_s,
+            },
+        }
+
+    def load_state_dict(self, state: dict[str, Any], device: torch.device) -> None:
+        self.iteration, self.loss_count = state["iteration"], state["loss_count"]
+        for mine, saved in zip(self.histories, state["histories"]):
+            mine[:] = saved
+        pending, sizes = state["batches"]
+        self.batches = list(pending.to(device).split(sizes, dim=1)) if sizes else []
+        for g, s in zip(self.shuffle, state["shuffle_rng"]):
+            g.set_state(s)
+        t = state["timings"]
+        self.train_s, self.eval_s, self.checkpoint_s = t["train_s"], t["eval_s"], t["checkpoint_s"]
+        self.earlier_s = t["total_s"]
+
+
+def _run(
+    configs, records, histories, data_dir, progress, t_start, dist, paths, ckpt_file, stop, exact
+) -> None:
+    # -- what: one config, or a pack of configs sharing everything but lr, momentum, weight decay, seed
+    n = len(configs)
+    if n > 1:
+        check_same_pack_keys(configs)
+    cfg = configs[0]  # its model, optimizer, batch size, iterations, eval cadence and device are all's
+    run_ids = [r["run_id"] for r in records]
+
+    # -- where (a pack is sized here, on the machine that trains it, before anything is loaded)
+    device = rank_device(cfg.device, dist)
+    if dist.distributed and cfg.batch_size < dist.world_size:
+        raise ValueError(f"--batch-size {cfg.batch_size} is smaller than the world size {dist.world_size}")
+    for rec in records:
+        rec["env"].update(
+            device=str(device),
+            device_name=device_name(device),
+            cuda=torch.version.cuda if device.type == "cuda" else None,
+            torch_threads=torch.get_num_threads(),
+        )
+    if n > 1:
+        check_pack_fits(cfg, n, device)
+    every = records[0]["checkpointing"]["every"]
 
     with process_group(dist, device) as backend:
-        record["distributed"] = {
-            "world_size": dist.world_size,
-            "backend": backend,
-            "nodes": dist.nodes,
-            "tasks_per_node": dist.local_world_size,
-        }
+        for rec in records:
+            rec["distributed"] = {
+                "world_size": dist.world_size,
+                "backend": backend,
+                "nodes": dist.nodes,
+                "tasks_per_node": dist.local_world_size,
+            }
         # -- data, decoded once and kept on the device
         ds = mnist_data.load(data_dir, device=device)
 
-        # -- model, and the step that trains it with its optimizer (DDP: the same model, wrapped;
-        #    gradients are all-reduced), and where an earlier attempt of this run stopped, if it left a
-        #    checkpoint
-        model = build_model(config.model).to(device)
-        step = make_step(config, model, ds, dist, device)
-        optimizer = step.optimizer
+        # -- the models and the step that trains them (each model seeded and built as its lone run;
+        #    DDP: the one model, wrapped), and the loop's state: fresh, or as a checkpoint left it
+        pop = make_population(configs, ds, dist, device, exact)
         synchronize(device)
         data_load_s = time.perf_counter() - t_start
-        saved = ckpt.load(ckpt_file, config)  # every rank reads the same file
+        loop = LoopState(
+            shuffle=[torch.Generator().manual_seed(c.seed) for c in configs],
+            loss_sum=torch.zeros(n, device=device),
+            histories=histories,
+        )
+        saved = ckpt.load(ckpt_file, configs, run_ids)  # every rank reads the same file
         if saved is not None:
-            model.load_state_dict(saved["model"])
-            optimizer.load_state_dict(saved["optimizer"])
-        log = (progress is not None or not dist.is_main) and dist.is_main
-
-        # -- the loop's state: fresh, or exactly as the checkpoint left it
-        train_s = eval_s = ckpt_s = earlier_s = 0.0
-        loss_sum = torch.zeros((), device=device)
-        loss_count = 0
-        batches: list[torch.Tensor] = []
-        it = 0
-        if saved is not None:
-            it, loss_count = saved["iteration"], saved["loss_count"]
-            history[:] = saved["history"]
-            remaining, sizes = saved["batches"]
-            batches = list(remaining.to(device).split(sizes)) if sizes else []
-            shuffle_gen.set_state(saved["shuffle_rng"])
+            pop.load_state_dict(saved["population"])
+            loop.load_state_dict(saved["loop"], device)
             per_rank = saved["per_rank"]
             mine = per_rank[dist.rank] if len(per_rank) == dist.world_size else per_rank[0]
             ckpt.set_rng_state(mine["rng"], device)
-            loss_sum = mine["loss_sum"].to(device)
-            timings = saved["timings"]
-            train_s, eval_s, ckpt_s = timings["train_s"], timings["eval_s"], timings["checkpoint_s"]
-            earlier_s = timings["total_s"]
-            record["timings"]["earlier_attempts_s"] = earlier_s
-            record["started_at"] = saved["started_at"]
-            record["checkpointing"].update(resumed_from_iteration=it, resumes=saved["resumes"] + 1)
+            loop.loss_sum = mine["loss_sum"].to(device)
+            for rec in records:
+                rec["timings"]["earlier_attempts_s"] = loop.earlier_s
+                rec["started_at"] = saved["started_at"]
+                rec["checkpointing"].update(
+                    resumed_from_iteration=loop.iteration, resumes=saved["resumes"] + 1
+                )
             if dist.is_main:
-                print(f"resuming {record['run_id']} from {ckpt_file} at iteration {it}", flush=True)
+                print(
+                    f"resuming {', '.join(run_ids)} from {ckpt_file} at iteration {loop.iteration}",
+                    flush=True,
+                )
 
         def save_checkpoint() -> None:
-            mine = {"rng": ckpt.rng_state(device), "loss_sum": loss_sum.detach().cpu()}
+            mine = {"rng": ckpt.rng_state(device), "loss_sum": loop.loss_sum.detach().cpu()}
             per_rank = _gather(mine, dist)  # every rank's RNG and partial loss (DDP), rank 0 writes
             if not dist.is_main:
                 return
             ckpt.save(
                 ckpt_file,
                 {
-                    "run_id": record["run_id"],
-                    "config": config.to_dict(),
-                    "iteration": it,
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "shuffle_rng": shuffle_gen.get_state(),
-                    "batches": _pack_batches(batches),  # the rest of this epoch, still reversed
+                    "run_ids": run_ids,
+                    "configs": [c.to_dict() for c in configs],
+                    "loop": loop.state_dict(total_s=loop.earlier_s + time.perf_counter() - t_start),
+                    "population": pop.state_dict(),
                     "per_rank": per_rank,
-                    "loss_count": loss_count,
-                    "history": history,
-                    "timings": {
-                        "train_s": train_s,
-                        "eval_s": eval_s,
-                        "checkpoint_s": ckpt_s,
-                        "total_s": earlier_s + time.perf_counter() - t_start,
-                    },
-                    "started_at": record["started_at"],
+                    "started_at": records[0]["started_at"],
                     "saved_at": utc_now(),
-                    "resumes": record["checkpointing"]["resumes"],
+                    "resumes": records[0]["checkpointing"]["resumes"],
                 },
             )
 
         # -- the loop
+        n_train = len(ds.train_y)
         t_loop = time.perf_counter()
-        while it < config.iters:
-            if not batches:
-                batches = mnist_data.epoch_batches(len(ds.train_y), config.batch_size, shuffle_gen, device)
-                batches.reverse()  # pop() from the end = batches in permutation order
-            step(batches.pop(), loss_sum)
-            it += 1
-            loss_count += 1
+        while loop.iteration < cfg.iters:
+            pop.step(loop.next_batch(n_train, cfg.batch_size, device), loop.loss_sum)
+            loop.iteration += 1
+            loop.loss_count += 1
+            it = loop.iteration
 
-            is_eval = it % config.eval_every == 0 or it == config.iters
-            if is_eval:
+            if it % cfg.eval_every == 0 or it == cfg.iters:
                 synchronize(device)
                 t_eval = time.perf_counter()
-                train_s += t_eval - t_loop
-                all_reduce_sum(loss_sum)
-                train_loss = (loss_sum / (loss_count * dist.world_size)).item()
-                acc, test_loss = evaluate(model, ds.test_x, ds.test_y, dist)
-                history.append(
-                    {
-                        "iteration": it,
-                        "epoch": round(it / config.iters_per_epoch, 4),
-                        "train_loss": round(train_loss, 6),
-                        "test_loss": round(test_loss, 6),
-                        "test_accuracy": round(acc, 4),
-                    }
-                )
-                loss_sum.zero_()
-                loss_count = 0
-                if progress is not None and dist.is_main:
-                    progress(Progress(it, config.iters, train_loss, acc))
-                elif dist.is_main:
-                    print(
-                        f"iter {it}/{config.iters}  train_loss {train_loss:.4f}  "
-                        f"test_loss {test_loss:.4f}  test_acc {acc:.2f}%",
-                        flush=True,
+                loop.train_s += t_eval - t_loop
+                all_reduce_sum(loop.loss_sum)
+                train_losses = (loop.loss_sum / (loop.loss_count * dist.world_size)).tolist()
+                accs, test_losses = evaluate(pop, ds.test_x, ds.test_y, dist)
+                for m in range(n):
+                    histories[m].append(
+                        {
+                            "iteration": it,
+                            "epoch": round(it / cfg.iters_per_epoch, 4),
+                            "train_loss": round(train_losses[m], 6),
+                            "test_loss": round(test_losses[m], 6),
+                            "test_accuracy": round(accs[m], 4),
+                        }
                     )
+                loop.loss_sum.zero_()
+                loop.loss_count = 0
+                if dist.is_main:
+                    _report(progress, it, cfg.iters, train_losses, test_losses, accs)
                 t_loop = time.perf_counter()
-                eval_s += t_loop - t_eval
-            elif log and it % 25 == 0 and not dist.distributed:
-                progress(Progress(it, config.iters, (loss_sum / loss_count).item()))
+                loop.eval_s += t_loop - t_eval
+            elif progress is not None and it % 25 == 0 and dist.is_main and not dist.distributed:
+                progress(Progress(it, cfg.iters, (loop.loss_sum / loop.loss_count).mean().item()))
 
-            if it == config.iters:
+            if it == cfg.iters:
                 break
             stopping = _stop_requested(stop, it, dist, device)
             if stopping or (every and it % every == 0):
                 synchronize(device)
                 t_ckpt = time.perf_counter()
-                train_s += t_ckpt - t_loop
+                loop.train_s += t_ckpt - t_loop
                 save_checkpoint()
                 t_loop = time.perf_counter()
-                ckpt_s += t_loop - t_ckpt
+                loop.checkpoint_s += t_loop - t_ckpt
                 if stopping:
                     if dist.is_main:
                         print(f"stopping at iteration {it}: checkpoint written to {ckpt_file}", flush=True)
                     raise Interrupted(it, stop.signum if stop is not None else None)
         synchronize(device)
-        train_s += time.perf_counter() - t_loop
+        loop.train_s += time.perf_counter() - t_loop
         if dist.is_main:
-            save_weights(model, path.with_suffix(".pt"))
+            for m, path in enumerate(paths):
+                save_weights(pop.weights(m), path.with_suffix(".pt"))
 
-    final = history[-1]
-    record["model_path"] = str(path.with_suffix(".pt"))
-    record["metrics"] = {
-        "test_accuracy": final["test_accuracy"],
-        "test_loss": final["test_loss"],
-        "final_train_loss": final["train_loss"],
-        "iterations": it,
-        "epochs": round(it / config.iters_per_epoch, 4),
-        "history": history,
-    }
-    record["timings"] = {
-        "data_load_s": round(data_load_s, 4),
-        "train_s": round(train_s, 4),
-        "eval_s": round(eval_s, 4),
-        "checkpoint_s": round(ckpt_s, 4),
-        "samples_per_s": round(it * config.batch_size / train_s, 1) if train_s > 0 else None,
-    }
-    if earlier_s:
-        record["timings"]["earlier_attempts_s"] = round(earlier_s, 4)  # total_s includes them
+    it, train_s = loop.iteration, loop.train_s
+    for rec, history, path in zip(records, histories, paths):
+        final = history[-1]
+        rec["model_path"] = str(path.with_suffix(".pt"))
+        rec["metrics"] = {
+            "test_accuracy": final["test_accuracy"],
+            "test_loss": final["test_loss"],
+            "final_train_loss": final["train_loss"],
+            "iterations": it,
+            "epochs": round(it / cfg.iters_per_epoch, 4),
+            "history": history,
+        }
+        rec["timings"] = {
+            "data_load_s": round(data_load_s, 4),
+            "train_s": round(train_s, 4),
+            "eval_s": round(loop.eval_s, 4),
+            "checkpoint_s": round(loop.checkpoint_s, 4),
+            "samples_per_s": round(it * cfg.batch_size / train_s, 1) if train_s > 0 else None,
+        }
+        if loop.earlier_s:
+            rec["timings"]["earlier_attempts_s"] = round(loop.earlier_s, 4)  # total_s includes them
+
+
+def _report(progress, it, total, train_losses, test_losses, accs) -> None:
+    """An evaluation, to the progress callback or as one log line (a pack's: means, min and max)."""
+    n = len(accs)
+    mean_loss, mean_acc = sum(train_losses) / n, sum(accs) / n
+    if progress is not None:
+        progress(Progress(it, total, mean_loss, mean_acc))
+    elif n == 1:
+        print(
+            f"iter {it}/{total}  train_loss {mean_loss:.4f}  test_loss {test_losses[0]:.4f}  "
+            f"test_acc {mean_acc:.2f}%",
+            flush=True,
+        )
+    else:
+        print(
+            f"iter {it}/{total}  pack of {n}  train_loss mean {mean_loss:.4f}  "
+            f"test_acc mean {mean_acc:.2f}% (min {min(accs):.2f}, max {max(accs):.2f})",
+            flush=True,
+        )
 
 
 def _stop_requested(stop: StopFlag | None, it: int, dist: DistInfo, device: torch.device) -> bool:
@@ -415,13 +518,6 @@ def _stop_requested(stop: StopFlag | None, it: int, dist: DistInfo, device: torc
     flag = torch.tensor(float(stop.is_set()), device=device)
     all_reduce_sum(flag)
     return flag.item() > 0
-
-
-def _pack_batches(batches: list[torch.Tensor]) -> tuple[torch.Tensor, list[int]]:
-    """The pending index batches as one tensor and their sizes (one tensor saves much faster)."""
-    if not batches:
-        return torch.zeros(0, dtype=torch.int64), []
-    return torch.cat(batches).cpu(), [len(b) for b in batches]
 
 
 def _gather(obj: Any, dist: DistInfo) -> list[Any]:

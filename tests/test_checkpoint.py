@@ -95,7 +95,7 @@ def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, model, how, stra
         proc.kill()
     assert proc.returncode != 0, out
     assert not (tmp_path / "r.json").exists()  # stopped, not failed: no record, the checkpoint carries it
-    stopped_at = torch.load(ck, weights_only=True)["iteration"]
+    stopped_at = torch.load(ck, weights_only=True)["loop"]["iteration"]
     assert 0 < stopped_at < CONFIGS[model].iters
     if how == "sigterm":  # the handler asked the loop to checkpoint at the next iteration, then stop
         assert f"stopping at iteration {stopped_at}" in out and "Interrupted" in out
@@ -153,11 +153,11 @@ def test_unusable_checkpoints_are_ignored_with_a_warning(tmp_path, straight, one
         train(other, results_dir=tmp_path, run_id="o", stop=stop, progress=lambda p: stop.request())
     os.replace(ckpt.checkpoint_path(tmp_path, "o"), ck)
     with pytest.warns(UserWarning, match="another config"):
-        assert ckpt.load(ck, cfg) is None
+        assert ckpt.load(ck, [cfg], ["r"]) is None
     # truncated: half of a real file
     ck.write_bytes(ck.read_bytes()[:2000])
     with pytest.warns(UserWarning, match="ignoring unusable checkpoint"):
-        assert ckpt.load(ck, other) is None
+        assert ckpt.load(ck, [other], ["o"]) is None
 
 
 def test_killed_checkpoint_writer_never_leaves_a_partial_file(tmp_path):
@@ -170,9 +170,8 @@ def test_killed_checkpoint_writer_never_leaves_a_partial_file(tmp_path):
         i = 1
         while True:
             ckpt.save(__import__("pathlib").Path({str(path)!r}), {{
-                "config": {cfg.to_dict()!r}, "iteration": i, "model": {{"w": torch.randn(500_000)}},
-                "optimizer": {{}}, "per_rank": [], "shuffle_rng": torch.ByteTensor(8), "batches": [],
-                "history": [], "timings": {{}}}})
+                "run_ids": ["r"], "configs": [{cfg.to_dict()!r}], "loop": {{"iteration": i}},
+                "population": {{"model": {{"w": torch.randn(500_000)}}}}, "per_rank": []}})
             i += 1
     """)
     for _ in range(5):
@@ -186,8 +185,8 @@ def test_killed_checkpoint_writer_never_leaves_a_partial_file(tmp_path):
         finally:
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait()
-        state = ckpt.load(path, cfg)  # never partial: it loads, the whole model in it
-        assert state is not None and state["model"]["w"].numel() == 500_000
+        state = ckpt.load(path, [cfg], ["r"])  # never partial: it loads, the whole model in it
+        assert state is not None and state["population"]["model"]["w"].numel() == 500_000
 
 
 def test_claims_are_exclusive_and_released(tmp_path):
@@ -303,7 +302,7 @@ def test_ddp_run_stopped_and_resumed_equals_uninterrupted(tmp_path):
     assert _ddp_run(tmp_path / "straight", None) == [0, 0]
     assert _ddp_run(tmp_path / "stopped", 15) == [3, 3]
     saved = torch.load(ckpt.checkpoint_path(tmp_path / "stopped", "d"), weights_only=True)
-    assert saved["iteration"] == 20 and len(saved["per_rank"]) == 2
+    assert saved["loop"]["iteration"] == 20 and len(saved["per_rank"]) == 2
     assert _ddp_run(tmp_path / "stopped", None) == [0, 0]
     a = json.loads((tmp_path / "straight" / "d.json").read_text())
     b = json.loads((tmp_path / "stopped" / "d.json").read_text())

@@ -18,10 +18,9 @@ from mnist_jobs.packed import (
     check_pack_fits,
     estimate_pack_bytes,
     group_for_packing,
-    train_packed,
 )
 from mnist_jobs.results import load_result
-from mnist_jobs.train import Progress, train
+from mnist_jobs.train import Progress, train, train_pack
 
 
 def quiet(_p) -> None:
@@ -131,7 +130,7 @@ def test_logreg_packed_is_bit_identical_to_alone(tmp_path, optimizer, iters, thr
             for lr, mom, wd, s in LOGREG_GRID
         ]
         ids = [f"p{i}" for i in range(len(cfgs))]
-        packed = train_packed(cfgs, results_dir=tmp_path, run_ids=ids, progress=quiet, exact=True)
+        packed = train_pack(cfgs, results_dir=tmp_path, run_ids=ids, progress=quiet, exact=True)
         alone = [train(c, results_dir=tmp_path / "alone", progress=quiet) for c in cfgs]
     finally:
         torch.set_num_threads(before)
@@ -206,7 +205,7 @@ def test_logreg_seed_grouped_default_matches_alone(tmp_path, grid):
     initial weights, same updates up to float rounding: within 0.01 points of the lone runs here."""
     cfgs = [TrainConfig(iters=300, eval_every=150, device="cpu", **g) for g in grid]
     ids = [f"g{i}" for i in range(len(cfgs))]
-    packed = train_packed(cfgs, results_dir=tmp_path, run_ids=ids, progress=quiet)
+    packed = train_pack(cfgs, results_dir=tmp_path, run_ids=ids, progress=quiet)
     alone = [train(c, results_dir=tmp_path / "alone", progress=quiet) for c in cfgs]
     for p, a in zip(packed, alone):
         assert p["config"] == a["config"]
@@ -246,7 +245,7 @@ def test_batched_mode_is_close(tmp_path, one_thread, model, grid, iters):
         for lr, s in grid
     ]
     ids = [f"r{i}" for i in range(len(cfgs))]
-    packed = train_packed(cfgs, results_dir=tmp_path, run_ids=ids, progress=quiet, exact=False)
+    packed = train_pack(cfgs, results_dir=tmp_path, run_ids=ids, progress=quiet, exact=False)
     alone = [train(c, results_dir=tmp_path / "alone", progress=quiet) for c in cfgs]
     for p, a in zip(packed, alone):
         h_p, h_a = p["metrics"]["history"], a["metrics"]["history"]
@@ -264,7 +263,7 @@ def test_results_are_separate_ordinary_files(tmp_path):
     ]
     ids = ["run-a", "run-b", "run-c"]
     seen: list[Progress] = []
-    recs = train_packed(
+    recs = train_pack(
         cfgs,
         results_dir=tmp_path,
         run_ids=ids,
@@ -278,6 +277,7 @@ def test_results_are_separate_ordinary_files(tmp_path):
         progress=quiet,
     )
     assert sorted(p.name for p in tmp_path.glob("*.json")) == [f"{i}.json" for i in ids]
+    assert sorted(p.name for p in tmp_path.glob("*.pt")) == [f"{i}.pt" for i in ids]
     for i, (cfg, rid) in enumerate(zip(cfgs, ids)):
         data = load_result(tmp_path / f"{rid}.json").data
         assert data == json.loads(json.dumps({k: v for k, v in recs[i].items() if k != "result_path"}))
@@ -285,14 +285,18 @@ def test_results_are_separate_ordinary_files(tmp_path):
         assert TrainConfig.from_dict(data["config"]) == cfg
         assert data["packed_with"] == [r for r in ids if r != rid]
         assert data["sweep"] == "s" and data["task"] == i
-        # the same shape as a lone run's record, plus packed_with (and timings.pack_size)
-        assert set(data) - set(lone) == {"packed_with", "sweep", "task"}
-        assert set(data["metrics"]) == set(lone["metrics"])
-        core = {"data_load_s", "train_s", "eval_s", "samples_per_s", "total_s"}
-        assert set(data["timings"]) == core | {"pack_size"} and core <= set(lone["timings"])
+        # the same shape as a lone run's record, in both directions (only the extras given differ)
+        assert set(data) - set(lone) == {"sweep", "task"} and set(lone) - set(data) == {"result_path"}
+        for key in ("metrics", "timings", "checkpointing", "env", "distributed"):
+            assert set(data[key]) == set(lone[key]), key
+        assert lone["packed_with"] == [] and lone["timings"]["pack_size"] == 1
         assert data["timings"]["pack_size"] == 3 and data["timings"]["train_s"] > 0
         assert [h["iteration"] for h in data["metrics"]["history"]] == [10, 20]
         assert set(data["metrics"]["history"][0]) == set(lone["metrics"]["history"][0])
+        # its weights, loadable into the model it names
+        model = build_model(data["config"]["model"])
+        model.load_state_dict(torch.load(data["model_path"], weights_only=True))
+        assert data["model_path"] == str(tmp_path / f"{rid}.pt")
         assert data["env"]["device"] == "cpu"
     assert not list(tmp_path.glob(".*.tmp"))
     assert [p.iteration for p in seen if p.test_accuracy is not None] == [10, 20]
@@ -303,7 +307,7 @@ def test_failed_pack_writes_failed_records(tmp_path, data_copy):
     (data_copy / "MNIST" / "raw" / "train-images-idx3-ubyte.gz").write_bytes(b"garbage")
     cfgs = [TrainConfig(lr=0.1, iters=5, device="cpu"), TrainConfig(lr=0.2, iters=5, device="cpu")]
     with pytest.raises(Exception, match="corrupt"):
-        train_packed(cfgs, results_dir=tmp_path, run_ids=["x", "y"], data_dir=data_copy, progress=quiet)
+        train_pack(cfgs, results_dir=tmp_path, run_ids=["x", "y"], data_dir=data_copy, progress=quiet)
     for rid, other, cfg in (("x", "y", cfgs[0]), ("y", "x", cfgs[1])):
         rec = json.loads((tmp_path / f"{rid}.json").read_text())
         assert rec["status"] == "failed" and rec["error"]["type"] == "DataError"
@@ -315,11 +319,11 @@ def test_failed_pack_writes_failed_records(tmp_path, data_copy):
 def test_bad_packs_are_refused(tmp_path):
     mixed = [TrainConfig(iters=5, device="cpu"), TrainConfig(iters=5, batch_size=50, device="cpu")]
     with pytest.raises(PackError, match="batch_size"):
-        train_packed(mixed, results_dir=tmp_path, run_ids=["a", "b"], progress=quiet)
+        train_pack(mixed, results_dir=tmp_path, run_ids=["a", "b"], progress=quiet)
     assert json.loads((tmp_path / "a.json").read_text())["error"]["type"] == "PackError"
     cfgs = [TrainConfig(iters=5, device="cpu")] * 2
     with pytest.raises(PackError, match="one run id per config"):
-        train_packed(cfgs, results_dir=tmp_path / "n", run_ids=["a"])
+        train_pack(cfgs, results_dir=tmp_path / "n", run_ids=["a"])
     with pytest.raises(PackError, match="distinct"):
-        train_packed(cfgs, results_dir=tmp_path / "n", run_ids=["a", "a"])
+        train_pack(cfgs, results_dir=tmp_path / "n", run_ids=["a", "a"])
     assert not (tmp_path / "n").exists()

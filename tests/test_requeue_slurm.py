@@ -164,7 +164,7 @@ def test_kill_9_fails_then_sweep_again_resumes(cluster, results, reference):
     assert row["state"] == "FAILED" and row["test_accuracy"] is None  # sacct FAILED, no result
     status = runner.invoke(app, ["status", "kill9", "--results-dir", str(results)])
     assert "FAILED" in status.output
-    saved = torch.load(checkpoint_path(folder, RUN_ID), weights_only=True)["iteration"]
+    saved = torch.load(checkpoint_path(folder, RUN_ID), weights_only=True)["loop"]["iteration"]
     assert saved % 1000 == 0  # the last periodic checkpoint (SIGKILL gives no chance for another)
 
     again = runner.invoke(
@@ -201,7 +201,7 @@ def test_usr2_preemption_requeues_at_most_max_requeues_times(cluster, results, r
     log = (folder / "logs" / f"{job_id}_0_log.out").read_text()
     assert "this job is preempted" in log and "Calling checkpoint method" in log
     assert "Job not requeued because: checkpoint function returned None" in log
-    stopped = torch.load(checkpoint_path(folder, RUN_ID), weights_only=True)["iteration"]
+    stopped = torch.load(checkpoint_path(folder, RUN_ID), weights_only=True)["loop"]["iteration"]
 
     again = runner.invoke(
         app,

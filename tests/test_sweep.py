@@ -224,3 +224,141 @@ def test_dry_run_and_submit_without_slurm_installed(tmp_path, monkeypatch):
     res = runner.invoke(app, args)
     assert res.exit_code == 2 and "SLURM not found on this machine" in res.output
     assert "Traceback" not in res.output and not (tmp_path / "lr-study" / "sweep.json").exists()
+
+
+# ---- packs: sized where they train, never with DDP, and the dry run shows the real grouping -------
+
+PACK_GRID = ["--optimizer", "sgd,adam", "--lr", "0.1,0.01,0.001"]  # 6 runs, 2 optimizers of 3
+
+
+def _dry_run_tasks(output: str) -> list[list[str]]:
+    """The run ids of each task, as the dry run lists them ('task 0: id1, id2')."""
+    tasks = re.findall(r"^\s*task (\d+): (.+)$", output, flags=re.MULTILINE)
+    assert [int(i) for i, _ in tasks] == list(range(len(tasks))), output
+    return [ids.strip().split(", ") for _, ids in tasks]
+
+
+def test_slurm_pack_is_not_sized_on_the_login_node(tmp_path, monkeypatch):
+    """--device cuda with --pack on a GPU-less login node: the node sizes the pack, not this machine."""
+    import mnist_jobs.cli as cli
+    import mnist_jobs.device
+    import mnist_jobs.packed
+
+    args = [
+        "sweep",
+        "--lr",
+        "0.01,0.1",
+        "--pack",
+        "2",
+        "--partition",
+        "gpu",
+        "--gpus-per-node",
+        "1",
+        "--device",
+        "cuda",
+        "--iters",
+        "10",
+        "--name",
+        "p",
+        "--results-dir",
+        str(tmp_path),
+    ]
+
+    def touched(*a, **k):
+        raise AssertionError("the device was looked at on the submitting machine")
+
+    monkeypatch.setattr(mnist_jobs.device, "select_device", touched)
+    monkeypatch.setattr(mnist_jobs.packed, "check_pack_fits", touched)
+    res = runner.invoke(app, [*args, "--dry-run"])
+    assert res.exit_code == 0, (res.output, res.exception)
+    assert "Traceback" not in res.output and not (tmp_path / "p").exists()
+
+    # The real path up to sbatch (SLURM's own preflight and the submission stubbed out: no cluster here).
+    submitted: dict = {}
+    monkeypatch.setattr(cli, "_preflight_slurm", lambda slurm: None)
+    monkeypatch.setattr(
+        cli, "_submit", lambda console, name, folder, tasks, groups, *rest: submitted.update(groups=groups)
+    )
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, (res.output, res.exception)
+    ids = {
+        sweep_run_id(c) for c in expand_grid(grid_values({"lr": "0.01,0.1", "iters": "10", "device": "cuda"}))
+    }
+    assert len(submitted["groups"]) == 1 and set(submitted["groups"][0]) == ids
+
+
+def test_local_pack_is_still_sized_here(tmp_path, monkeypatch):
+    import mnist_jobs.packed
+
+    def too_big(config, n, device=None):
+        assert str(device) == "cpu"  # sized on this machine's device
+        raise mnist_jobs.packed.PackError(f"a pack of {n} does not fit; use --pack 1")
+
+    monkeypatch.setattr(mnist_jobs.packed, "check_pack_fits", too_big)
+    res = runner.invoke(
+        app,
+        ["sweep", "--lr", "0.01,0.1", "--pack", "2", *FAST, "--name", "p", "--results-dir", str(tmp_path)],
+    )
+    assert res.exit_code == 2, (res.output, res.exception)
+    assert "a pack of 2 does not fit" in res.output and "Traceback" not in res.output
+    assert not (tmp_path / "p" / "sweep.json").exists()
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["--tasks-per-node", "2"],
+        ["--tasks-per-node", "2", "--dry-run"],
+        ["--partition", "gpu", "--nodes", "2"],
+        ["--partition", "gpu", "--nodes", "2", "--dry-run"],
+        ["--partition", "gpu", "--gpus-per-node", "2", "--tasks-per-node", "2", "--dry-run"],
+    ],
+)
+def test_pack_with_ddp_is_refused_before_anything(tmp_path, extra):
+    res = runner.invoke(
+        app, ["sweep", "--lr", "0.01,0.1", "--pack", "2", *FAST, *extra, "--results-dir", str(tmp_path / "r")]
+    )
+    assert res.exit_code == 2, (res.output, res.exception)
+    assert "--pack 2 cannot be combined with several tasks per job" in res.output
+    assert "Traceback" not in res.output and res.output.count("Error:") == 1
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("extra", [[], ["--partition", "gpu"]])
+def test_pack_below_one_is_refused_in_dry_run(tmp_path, extra):
+    res = runner.invoke(
+        app,
+        ["sweep", "--lr", "0.1", "--pack", "0", *extra, "--dry-run", "--results-dir", str(tmp_path / "r")],
+    )
+    assert res.exit_code == 2 and "--pack must be >= 1 (got 0)" in res.output
+    assert "Traceback" not in res.output and not (tmp_path / "r").exists()
+
+
+def test_dry_run_groups_are_the_submitted_groups(tmp_path):
+    """The dry run's array size and per-task runs come from the very grouping the submission uses."""
+    from mnist_jobs.packed import group_for_packing
+
+    fast = {"iters": "20", "eval_every": "10", "device": "cpu"}  # = FAST
+    configs = expand_grid(grid_values({"optimizer": "sgd,adam", "lr": "0.1,0.01,0.001", **fast}))
+    packs = group_for_packing(configs, 2)
+    assert len(packs) == 4 != -(-len(configs) // 2)  # a grid where ceil(runs / pack) is wrong
+    run_ids = [sweep_run_id(c) for c in configs]
+    expected = {frozenset(run_ids[i] for i in g) for g in packs}
+
+    common = ["sweep", *PACK_GRID, "--pack", "2", *FAST, "--name", "packs", "--results-dir", str(tmp_path)]
+    res = runner.invoke(app, [*common, "--partition", "gpu", "--dry-run"])
+    assert res.exit_code == 0, (res.output, res.exception)
+    array = re.search(r"^#SBATCH --array=0-(\d+)", res.output, flags=re.MULTILINE)
+    assert array and int(array.group(1)) + 1 == len(packs), res.output
+    printed = _dry_run_tasks(res.output)
+    assert {frozenset(t) for t in printed} == expected and len(printed) == len(packs)
+    assert not (tmp_path / "packs").exists()
+
+    local_dry = runner.invoke(app, [*common, "--dry-run"])
+    assert local_dry.exit_code == 0 and _dry_run_tasks(local_dry.output) == printed
+
+    res = runner.invoke(app, common)  # run it for real, here
+    assert res.exit_code == 0, (res.output, res.exception)
+    runs = read_manifest(tmp_path / "packs")["runs"]
+    assert set(runs) == set(run_ids)
+    assert {frozenset([rid, *info["packed_with"]]) for rid, info in runs.items()} == expected
