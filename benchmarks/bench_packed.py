@@ -35,8 +35,7 @@ import torch
 from tutorial_baseline import tutorial_train
 
 from mnist_jobs.config import TrainConfig
-from mnist_jobs.packed import train_packed
-from mnist_jobs.train import train
+from mnist_jobs.train import train, train_pack
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -80,7 +79,7 @@ def run_packed_job(spec_path: str) -> None:
     with open(spec_path) as f:
         spec = json.load(f)
     cfgs = [TrainConfig.from_dict(c) for c in spec["configs"]]
-    train_packed(cfgs, results_dir=spec["results_dir"], run_ids=spec["run_ids"], progress=quiet)
+    train_pack(cfgs, results_dir=spec["results_dir"], run_ids=spec["run_ids"], progress=quiet)
 
 
 def bench(model: str, args) -> None:
@@ -118,13 +117,13 @@ def bench(model: str, args) -> None:
         row("A", "packed: 1 process (python start, imports, data, training)", wall)
 
         packed, wall = timed(
-            lambda: train_packed(
+            lambda: train_pack(
                 configs, results_dir=os.path.join(tmp, "p"), run_ids=ids, progress=quiet, exact=True
             )
         )
         row("B", "packed: in this process, exact", wall)
         batched, wall = timed(
-            lambda: train_packed(
+            lambda: train_pack(
                 configs, results_dir=os.path.join(tmp, "q"), run_ids=ids, progress=quiet, exact=False
             )
         )

@@ -253,7 +253,7 @@ _C = "Checkpoints (sweep runs and submitted train runs)"
 CheckpointEvery = Annotated[
     Optional[int],
     typer.Option(
-        help="Checkpoint every N iterations into <run_id>.ckpt.pt (0: only when stopped by a signal). Default: off below 2000 iterations, else every max(1000, iters/20).",
+        help="Checkpoint every N iterations into <run_id>.ckpt.pt, a pack into pack-<hash>.ckpt.pt (0: only when stopped by a signal). Default: off below 2000 iterations, else every max(1000, iters/20).",
         metavar="N",
         rich_help_panel=_C,
     ),
@@ -466,12 +466,14 @@ def _launch(configs, values, v: dict[str, Any], slurm, *, name: str | None) -> N
     if not todo:
         console.print("nothing to submit")
         return
-    if v["force"]:  # a rerun starts from scratch, not from an earlier attempt's checkpoint
-        from .checkpoint import checkpoint_path
-
-        for run_id in todo:
-            checkpoint_path(folder, run_id).unlink(missing_ok=True)
     tasks, groups = _make_tasks([by_id[r] for r in todo], todo, folder, v, kind)
+    if v["force"]:  # a rerun starts from scratch, not from an earlier attempt's checkpoint
+        from .checkpoint import checkpoint_path, population_path
+
+        for run_id in todo:  # a lone attempt's
+            checkpoint_path(folder, run_id).unlink(missing_ok=True)
+        for group in groups:  # a pack's (one file per pack, named after its runs)
+            population_path(folder, group).unlink(missing_ok=True)
     if kind == "slurm":
         _submit(console, name, folder, tasks, groups, values, slurm, v, by_id)
     else:

@@ -625,6 +625,11 @@ def run_local(
 
             task.master_port = free_port()
         job = ex.submit(task)
+        for j in (job, *job._sub_jobs):
+            # A local job's result is on this disk before its process exits, so there is no network
+            # filesystem to wait for: without this, submitit waits 15 s (twice: our state check, then
+            # the caller's) for the result of a worker that was killed and will never write one.
+            j._results_timeout_s = 0
         running[i] = (job, slot)
         states[i] = "RUNNING"
         if on_event:

@@ -22,7 +22,7 @@ import torch
 from mnist_jobs import checkpoint as ckpt
 from mnist_jobs.config import TrainConfig
 from mnist_jobs.device import DistInfo, free_port
-from mnist_jobs.launch import TrainTask, claim_run, read_manifest, run_is_claimed, sweep_run_id
+from mnist_jobs.launch import claim_run, read_manifest, run_is_claimed, sweep_run_id
 from mnist_jobs.train import Interrupted, StopFlag, train
 
 REPO = Path(__file__).resolve().parent.parent
@@ -30,7 +30,6 @@ CONFIGS = {  # ~1-3 s each on one CPU thread; small checkpoint intervals, evalua
     "logreg": TrainConfig(model="logreg", lr=0.05, momentum=0.9, batch_size=64, iters=4000, eval_every=700),
     "cnn": TrainConfig(model="cnn", lr=0.05, momentum=0.5, batch_size=32, iters=300, eval_every=70),
 }
-EVERY = {"logreg": 250, "cnn": 20}
 
 
 @pytest.fixture
@@ -62,60 +61,8 @@ def straight(tmp_path_factory):
     return get
 
 
-def _start_task(results: Path, model: str) -> subprocess.Popen:
-    """A separate process running the sweep task (TrainTask: the job's signal handlers included)."""
-    code = textwrap.dedent(f"""
-        import torch
-        from mnist_jobs.launch import TrainTask
-        torch.set_num_threads(1)
-        TrainTask(configs=[{CONFIGS[model].to_dict()!r}], run_ids=["r"], results_dir={str(results)!r},
-                  threads=1, checkpoint_every={EVERY[model]})()
-    """)
-    return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-
-
-def _wait_for(path: Path, proc: subprocess.Popen, timeout_s: float = 60) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not path.exists():
-        assert proc.poll() is None, f"finished before its first checkpoint: {proc.stdout.read().decode()}"
-        assert time.monotonic() < deadline, "no checkpoint appeared"
-        time.sleep(0.01)
-
-
-@pytest.mark.parametrize("how", ["sigterm", "sigkill"])
-@pytest.mark.parametrize("model", ["logreg", "cnn"])
-def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, model, how, straight, one_thread):
-    ck = ckpt.checkpoint_path(tmp_path, "r")
-    proc = _start_task(tmp_path, model)
-    try:
-        _wait_for(ck, proc)  # the first periodic checkpoint is on disk: the run is mid-training
-        os.kill(proc.pid, signal.SIGTERM if how == "sigterm" else signal.SIGKILL)
-        out = proc.communicate(timeout=60)[0].decode()
-    finally:
-        proc.kill()
-    assert proc.returncode != 0, out
-    assert not (tmp_path / "r.json").exists()  # stopped, not failed: no record, the checkpoint carries it
-    stopped_at = torch.load(ck, weights_only=True)["loop"]["iteration"]
-    assert 0 < stopped_at < CONFIGS[model].iters
-    if how == "sigterm":  # the handler asked the loop to checkpoint at the next iteration, then stop
-        assert f"stopping at iteration {stopped_at}" in out and "Interrupted" in out
-
-    resumed = TrainTask(
-        configs=[CONFIGS[model].to_dict()], run_ids=["r"], results_dir=str(tmp_path), threads=1
-    )()
-    assert resumed[0]["status"] == "completed"
-    rec = json.loads((tmp_path / "r.json").read_text())
-    ref = straight(model)
-    assert rec["checkpointing"]["resumed_from_iteration"] == stopped_at
-    assert rec["checkpointing"]["resumes"] == 1
-    assert rec["metrics"]["history"] == ref["metrics"]["history"]  # bit for bit, every evaluation
-    assert rec["metrics"]["test_accuracy"] == ref["metrics"]["test_accuracy"]
-    assert rec["metrics"]["iterations"] == CONFIGS[model].iters
-    assert rec["timings"]["total_s"] >= rec["timings"]["earlier_attempts_s"] > 0
-    assert not ck.exists()  # deleted once the completed result is on disk
-    a = torch.load(tmp_path / "r.pt", weights_only=True)
-    b = torch.load(Path(ref["model_path"]), weights_only=True)
-    assert all(torch.equal(a[k], b[k]) for k in a)  # the final weights too
+# Stopped by SIGTERM / killed by SIGKILL and resumed, through the real sweep command, for every
+# combination (logreg / cnn x lone / pack x 1 / 2 ranks): tests/test_matrix.py.
 
 
 def test_in_process_stop_flag_and_periodic_checkpoints(tmp_path, straight, one_thread):
@@ -308,3 +255,25 @@ def test_ddp_run_stopped_and_resumed_equals_uninterrupted(tmp_path):
     b = json.loads((tmp_path / "stopped" / "d.json").read_text())
     assert b["checkpointing"]["resumed_from_iteration"] == 20
     assert a["metrics"]["history"] == b["metrics"]["history"]
+
+
+def test_force_restarts_a_stopped_pack_from_scratch(tmp_path):
+    """`sweep --force` reruns from scratch: a pack's checkpoint (one file, named after its runs) is
+    removed too, not resumed."""
+    from mnist_jobs.train import train_pack
+
+    args = ["--lr", "0.1,0.2", "--iters", "60", "--eval-every", "30", "--device", "cpu", "--pack", "2"]
+    cfgs = [TrainConfig(lr=lr, iters=60, eval_every=30, device="cpu") for lr in (0.1, 0.2)]
+    ids = [sweep_run_id(c) for c in cfgs]
+    folder = tmp_path / "p"
+    stop = StopFlag()
+    with pytest.raises(Interrupted) as err:
+        train_pack(cfgs, run_ids=ids, results_dir=folder, stop=stop, progress=lambda p: stop.request())
+    assert [r["status"] for r in err.value.records] == ["interrupted", "interrupted"]
+    assert ckpt.population_path(folder, ids).exists() and not list(folder.glob("*.json"))
+    cmd = [sys.executable, "-m", "mnist_jobs", "sweep", *args, "--name", "p", "--results-dir", str(tmp_path)]
+    subprocess.run([*cmd, "--force"], check=True, capture_output=True, cwd=REPO)
+    for rid in ids:
+        rec = json.loads((folder / f"{rid}.json").read_text())
+        assert rec["status"] == "completed" and rec["checkpointing"]["resumed_from_iteration"] is None
+    assert not list(folder.glob("*.ckpt.pt"))

@@ -18,6 +18,7 @@ from mnist_jobs.packed import (
     check_pack_fits,
     estimate_pack_bytes,
     group_for_packing,
+    max_pack_that_fits,
 )
 from mnist_jobs.results import load_result
 from mnist_jobs.train import Progress, train, train_pack
@@ -136,6 +137,9 @@ def test_logreg_packed_is_bit_identical_to_alone(tmp_path, optimizer, iters, thr
         torch.set_num_threads(before)
     assert histories(packed) == histories(alone)  # every loss and accuracy, to the last digit
     assert len(set(accuracies(packed))) > 1  # the configs really differ
+    for p, a in zip(packed, alone):  # and the weights each run wrote beside its result
+        wp, wa = (torch.load(r["model_path"], weights_only=True) for r in (p, a))
+        assert wp.keys() == wa.keys() and all(torch.equal(wp[k], wa[k]) for k in wa)
 
 
 def _lone_params(cfg: TrainConfig, ds, steps: int) -> dict[str, torch.Tensor]:
@@ -327,3 +331,21 @@ def test_bad_packs_are_refused(tmp_path):
     with pytest.raises(PackError, match="distinct"):
         train_pack(cfgs, results_dir=tmp_path / "n", run_ids=["a", "a"])
     assert not (tmp_path / "n").exists()
+
+
+def test_a_pack_too_big_for_the_node_fails_each_run_naming_what_fits(tmp_path):
+    """Sized where it trains: on the machine running it, a pack that does not fit ends before loading
+    anything, with a failed record per run that names the largest pack that fits there."""
+    cfg = TrainConfig(model="cnn", batch_size=30000, iters=1, device="cpu")  # ~5.7 GB a model
+    fits = max_pack_that_fits(cfg, "cpu")
+    if not 1 <= fits <= 6:
+        pytest.skip(f"this machine fits {fits} of these models; the test wants a small number")
+    cfgs = [dataclasses.replace(cfg, seed=s) for s in range(fits + 1)]
+    ids = [f"big{i}" for i in range(len(cfgs))]
+    with pytest.raises(PackError, match=f"use --pack {fits} or less"):
+        train_pack(cfgs, run_ids=ids, results_dir=tmp_path)
+    for rid in ids:
+        rec = json.loads((tmp_path / f"{rid}.json").read_text())
+        assert rec["status"] == "failed" and rec["error"]["type"] == "PackError"
+        assert f"use --pack {fits} or less" in rec["error"]["message"]
+    assert not list(tmp_path.glob("*.pt"))

@@ -1,6 +1,8 @@
 """Nothing lost, on the REAL one-node SLURM cluster (see test_slurm.py): a run that is requeued
 (`scontrol requeue`), preempted / timed out (submitit's USR2) or killed (`kill -9`) resumes from its
-checkpoint and ends with one completed result equal, bit for bit, to an uninterrupted run.
+checkpoint and ends with one completed result equal, bit for bit, to an uninterrupted run. A packed
+sweep (--pack 3: one job, one process, one checkpoint file for its three runs) does the same when
+requeued or killed.
 
 The jobs run with one CPU thread (SLURM_CPUS_PER_TASK=1); the uninterrupted reference runs in this
 process with one thread too, while the cluster holds the requeued job (~11-13 s, cred_expire=10).
@@ -21,11 +23,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from mnist_jobs.checkpoint import checkpoint_path
+from mnist_jobs.checkpoint import checkpoint_path, population_path
 from mnist_jobs.cli import app
 from mnist_jobs.config import TrainConfig
 from mnist_jobs.launch import read_manifest, run_states, sweep_run_id
-from mnist_jobs.train import train
+from mnist_jobs.train import train, train_pack
 
 pytestmark = pytest.mark.slurm
 runner = CliRunner()
@@ -79,14 +81,16 @@ def squeue_state(job_id: str) -> str:
 
 
 def wait_running_with_checkpoint(
-    folder: Path, job_id: str, after: float = 0.0, timeout_s: float = 90
+    folder: Path, job_id: str, after: float = 0.0, timeout_s: float = 90, run_ids: tuple[str, ...] = (RUN_ID,)
 ) -> None:
-    """Until the job runs and has written a periodic checkpoint (newer than `after`)."""
-    ck = checkpoint_path(folder, RUN_ID)
+    """Until the job runs and has written a periodic checkpoint (newer than `after`); `run_ids`: the
+    runs the job trains (a pack's, in its order: their one checkpoint file)."""
+    ck = population_path(folder, list(run_ids))
     deadline = time.monotonic() + timeout_s
     while not (squeue_state(job_id) == "RUNNING" and ck.exists() and ck.stat().st_mtime > after):
         assert time.monotonic() < deadline, (squeue_state(job_id), ck.exists())
-        assert not (folder / f"{RUN_ID}.json").exists(), "finished before it could be interrupted"
+        for run_id in run_ids:
+            assert not (folder / f"{run_id}.json").exists(), "finished before it could be interrupted"
         time.sleep(0.1)
 
 
@@ -243,3 +247,184 @@ def test_time_limit_requeues_then_stops_at_max_requeues(cluster, time_limit_job)
     assert log.count("this job is timed-out") == 2 and "Requeued job" in log
     assert "Job not requeued because: timed-out too many times" in log
     assert sacct_history(job_id) == ["REQUEUED", "FAILED"]
+
+
+# ---- a packed sweep (--pack): one process, one checkpoint file for all its runs ------------------
+
+PACK_LRS = (0.01, 0.02, 0.05)
+PACK_ITERS, PACK_EVAL = 30000, 7500  # a pack of 3 logreg models on one thread: ~6 s
+PACK_CFGS = [TrainConfig(lr=lr, iters=PACK_ITERS, eval_every=PACK_EVAL, device="cpu") for lr in PACK_LRS]
+PACK_IDS = [sweep_run_id(c) for c in PACK_CFGS]  # grid order = the pack's order
+PACK_ARGS = [
+    "--lr",
+    ",".join(map(str, PACK_LRS)),
+    "--pack",
+    "3",
+    "--iters",
+    str(PACK_ITERS),
+    "--eval-every",
+    str(PACK_EVAL),
+    "--device",
+    "cpu",
+    "--checkpoint-every",
+    "1000",
+]
+
+
+@pytest.fixture(scope="module")
+def pack_reference(tmp_path_factory):
+    """The uninterrupted pack, in-process with one thread, computed once when first asked for."""
+    cache: list[list[dict]] = []
+
+    def get() -> list[dict]:
+        if not cache:
+            before = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                folder = tmp_path_factory.mktemp("pack-ref")
+                cache.append(train_pack(PACK_CFGS, run_ids=PACK_IDS, results_dir=folder))
+            finally:
+                torch.set_num_threads(before)
+        return cache[0]
+
+    return get
+
+
+def sweep_pack(results: Path, name: str, *extra: str):
+    return runner.invoke(
+        app,
+        ["sweep", *PACK_ARGS, "--partition", "gpu", "--name", name, "--results-dir", str(results), *extra],
+    )
+
+
+def submit_pack(results: Path, name: str) -> tuple[Path, str]:
+    """The pack's dry run, then its submission: the dry run showed exactly the task and the sbatch
+    script that were submitted."""
+    dry = sweep_pack(results, name, "--dry-run")
+    assert dry.exit_code == 0, dry.output
+    assert "1 task(s) of at most 3 run(s) each" in dry.output
+    tasks = [
+        ln.split(":", 1)[1].strip().split(", ") for ln in dry.output.splitlines() if ln.startswith("  task ")
+    ]
+    assert tasks == [PACK_IDS]  # one task, its runs in grid order
+    assert not (results / name).exists()  # a dry run writes nothing
+
+    res = sweep_pack(results, name)
+    assert res.exit_code == 0, res.output
+    assert "submitted 3 run(s) as 1 task(s)" in res.output
+    folder = results / name
+    runs = read_manifest(folder)["runs"]
+    assert list(runs) == PACK_IDS
+    [job_id] = {info["job_id"] for info in runs.values()}  # one job trains all three
+    for run_id, info in runs.items():
+        assert info["packed_with"] == [r for r in PACK_IDS if r != run_id]
+    # one task is one plain job (no array), and the script sbatch got is the one the dry run printed
+    assert "_" not in job_id
+    sbatch_lines = [ln for ln in dry.output.splitlines() if ln.startswith("#SBATCH")]
+    assert not [ln for ln in sbatch_lines if ln.startswith("#SBATCH --array")]
+    submitted = (folder / "logs" / f"{job_id}_submission.sh").read_text().splitlines()
+    assert sbatch_lines == [ln for ln in submitted if ln.startswith("#SBATCH")]
+    return folder, job_id
+
+
+def wait_pack(folder: Path, states: tuple[str, ...], timeout_s: float = 120) -> list[dict]:
+    """Until every run of the sweep is in one of `states`."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        rows = run_states(folder)
+        if all(r["state"] in states for r in rows):
+            return rows
+        assert time.monotonic() < deadline, rows
+        time.sleep(0.5)
+
+
+def assert_pack_equals_reference(folder: Path, refs: list[dict]) -> list[dict]:
+    """Each run: one completed result, its history and final weights bit for bit the uninterrupted
+    pack's, the pack's checkpoint gone."""
+    recs = []
+    for run_id, ref in zip(PACK_IDS, refs):
+        [path] = [p for p in folder.glob("*.json") if p.name == f"{run_id}.json"]
+        rec = json.loads(path.read_text())
+        assert rec["status"] == "completed" and rec["run_id"] == run_id
+        assert rec["metrics"]["history"] == ref["metrics"]["history"]  # every evaluation, bit for bit
+        assert rec["metrics"]["test_accuracy"] == ref["metrics"]["test_accuracy"]
+        assert (
+            rec["metrics"]["iterations"] == PACK_ITERS
+            and len(rec["metrics"]["history"]) == PACK_ITERS // PACK_EVAL
+        )
+        assert rec["packed_with"] == [r for r in PACK_IDS if r != run_id]
+        assert rec["timings"]["pack_size"] == 3
+        assert rec["model_path"] == str(folder / f"{run_id}.pt")
+        weights = torch.load(folder / f"{run_id}.pt", weights_only=True)
+        ref_weights = torch.load(ref["model_path"], weights_only=True)
+        assert weights.keys() == ref_weights.keys()
+        assert all(torch.equal(weights[k], ref_weights[k]) for k in weights)
+        assert rec["checkpointing"]["path"] == str(population_path(folder, PACK_IDS))
+        recs.append(rec)
+    assert len({r["metrics"]["test_accuracy"] for r in recs}) == 3  # three different models
+    assert not population_path(folder, PACK_IDS).exists()
+    assert not list(folder.glob("*.ckpt.pt"))
+    return recs
+
+
+def test_packed_sweep_requeued_mid_run_resumes_every_run(cluster, results, pack_reference):
+    folder, job_id = submit_pack(results, "pack-requeue")
+    wait_running_with_checkpoint(folder, job_id, run_ids=tuple(PACK_IDS))
+    saved = torch.load(population_path(folder, PACK_IDS), weights_only=True)
+    assert saved["run_ids"] == PACK_IDS and saved["loop"]["iteration"] % 1000 == 0
+    t0 = time.monotonic()
+    subprocess.run(["scontrol", "requeue", job_id], check=True, timeout=30)
+    while squeue_state(job_id) == "RUNNING":  # the old attempt ends at once (SIGTERM, checkpoint)
+        assert time.monotonic() - t0 < 30
+        time.sleep(0.1)
+    refs = pack_reference()  # while SLURM holds the requeued job
+    rows = wait_pack(folder, ("COMPLETED", "FAILED"))
+    assert [r["state"] for r in rows] == ["COMPLETED"] * 3, rows
+    recs = assert_pack_equals_reference(folder, refs)
+    stopped = {r["checkpointing"]["resumed_from_iteration"] for r in recs}
+    assert len(stopped) == 1  # one checkpoint: the pack's runs stopped and resumed together
+    [at] = stopped
+    assert 0 < at < PACK_ITERS
+    for rec in recs:
+        ck = rec["checkpointing"]
+        assert ck["requeues"] == 1 and ck["resumes"] == 1
+        assert rec["slurm"]["restart_count"] == "1" and rec["slurm"]["job_id"] == job_id
+    log = (folder / "logs" / f"{job_id}_0_log.out").read_text()
+    assert f"stopping at iteration {at}: checkpoint written to {population_path(folder, PACK_IDS)}" in log
+    assert f"resuming {', '.join(PACK_IDS)} from {population_path(folder, PACK_IDS)} at iteration {at}" in log
+    assert sacct_history(job_id)[0] == "REQUEUED"
+    print(f"pack requeued at iteration {at}, done {time.monotonic() - t0:.1f} s after the requeue")
+
+
+def test_packed_sweep_killed_resumes_at_the_next_sweep(cluster, results, pack_reference):
+    folder, job_id = submit_pack(results, "pack-kill9")
+    wait_running_with_checkpoint(folder, job_id, run_ids=tuple(PACK_IDS))
+    logs = str(folder / "logs")
+    pids = subprocess.run(
+        ["pgrep", "-f", f"submitit.core._submit {logs}"], capture_output=True, text=True
+    ).stdout.split()
+    workers = [
+        p for p in pids if "python" in Path(f"/proc/{p}/cmdline").read_bytes().split(b"\0")[0].decode()
+    ]
+    assert len(workers) == 1, pids  # one process trains the whole pack
+    os.kill(int(workers[0]), signal.SIGKILL)
+    rows = wait_pack(folder, ("FAILED", "COMPLETED"))
+    assert [r["state"] for r in rows] == ["FAILED"] * 3, rows
+    state = torch.load(population_path(folder, PACK_IDS), weights_only=True)
+    saved = state["loop"]["iteration"]
+    assert saved % 1000 == 0 and state["run_ids"] == PACK_IDS  # the last periodic checkpoint
+
+    again = sweep_pack(results, "pack-kill9")  # the same pack again: it finds its checkpoint
+    assert again.exit_code == 0 and "submitted 3 run(s) as 1 task(s)" in again.output, again.output
+    [new_job] = {info["job_id"] for info in read_manifest(folder)["runs"].values()}
+    assert new_job != job_id
+    refs = pack_reference()
+    rows = wait_pack(folder, ("COMPLETED", "FAILED"))
+    assert [r["state"] for r in rows] == ["COMPLETED"] * 3, rows
+    for rec in assert_pack_equals_reference(folder, refs):
+        ck = rec["checkpointing"]
+        assert ck["resumed_from_iteration"] == saved and ck["resumes"] == 1 and ck["requeues"] == 0
+    log = (folder / "logs" / f"{new_job}_0_log.out").read_text()
+    assert (
+        f"resuming {', '.join(PACK_IDS)} from {population_path(folder, PACK_IDS)} at iteration {saved}" in log
+    )

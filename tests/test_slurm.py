@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from mnist_jobs.cli import app
@@ -192,6 +193,24 @@ def test_gpu_gres_jobs_see_their_gpus(cluster, results):
         for p in (results / "gres").glob("logreg-*.json")
     ]
     assert all(s is not None for s in seen) and len(seen) == 2
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a login node without a GPU")
+def test_cuda_pack_submits_from_a_gpu_less_login_node_and_is_sized_on_the_node(cluster, results):
+    """README's packed GPU sweep typed on a login node without a GPU: it submits (the pack is sized where
+    it trains). The test cluster's GPUs are fake, so on the node `--device cuda` fails each run of the
+    pack with its own record, the node's error."""
+    args = ["sweep", "--lr", "0.01,0.1", "--pack", "2", "--partition", "gpu", "--gpus-per-node", "1"]
+    args += ["--device", "cuda", "--iters", "10", "--name", "cudapack", "--results-dir", str(results)]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, (res.output, res.exception)
+    assert "submitted 2 run(s) as 1 task(s)" in res.output
+    rows = wait_done(results / "cudapack")
+    assert [r["state"] for r in rows] == ["FAILED", "FAILED"]
+    for p in (results / "cudapack").glob("logreg-*.json"):
+        rec = json.loads(p.read_text())
+        assert rec["status"] == "failed" and rec["error"]["type"] == "DeviceError"
+        assert "CUDA is not available" in rec["error"]["message"] and len(rec["packed_with"]) == 1
 
 
 def _error_lines(output: str) -> list[str]:

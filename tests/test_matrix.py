@@ -1,0 +1,187 @@
+"""The combination matrix: {logreg, cnn} x {lone, pack of 3} x {1 rank, 2 gloo ranks} x {uninterrupted,
+SIGTERM mid-run then `sweep` again, SIGKILL after a periodic checkpoint then `sweep` again}, each through
+the real command a user types (`mnist-jobs sweep`, submitit's local executor, its worker processes
+signalled as SLURM signals a job's tasks). Per combination, one sequence: the sweep is stopped by
+SIGTERM, run again, killed by SIGKILL after its next periodic checkpoint, and run again to the end.
+Every run must end with exactly one completed result whose history and weights equal the
+uninterrupted run's, bit for bit (CPU, same thread count).
+
+A pack under DDP is refused before anything starts (tested in test_sweep.py), so the 2-rank cases
+are lone runs. The SLURM side (scontrol requeue of a packed sweep) is in test_requeue_slurm.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from mnist_jobs.checkpoint import SUFFIX
+from mnist_jobs.config import TrainConfig
+from mnist_jobs.launch import read_manifest, sweep_run_id
+from mnist_jobs.train import train_pack
+
+REPO = Path(__file__).resolve().parent.parent
+LOGREG = {"model": "logreg", "momentum": 0.9, "batch_size": 64, "device": "cpu"}
+CNN = {"model": "cnn", "momentum": 0.5, "batch_size": 32, "device": "cpu"}
+# name: (the grid, --checkpoint-every, --pack, --tasks-per-node). A few seconds of training each, the
+# first periodic checkpoint early; few evaluations (the CNN's cost 0.4 s each here).
+CASES = {
+    "logreg-lone": ({**LOGREG, "lr": [0.05], "iters": 8000, "eval_every": 2000}, 500, 1, 1),
+    "logreg-pack3": ({**LOGREG, "lr": [0.02, 0.05, 0.1], "iters": 6000, "eval_every": 2000}, 500, 3, 1),
+    "logreg-ddp2": ({**LOGREG, "lr": [0.05], "iters": 1500, "eval_every": 500}, 100, 1, 2),
+    "cnn-lone": ({**CNN, "lr": [0.05], "iters": 200, "eval_every": 100}, 20, 1, 1),
+    "cnn-pack3": ({**CNN, "lr": [0.02, 0.05, 0.1], "iters": 100, "eval_every": 50}, 10, 3, 1),
+    "cnn-ddp2": ({**CNN, "lr": [0.05], "iters": 200, "eval_every": 100}, 20, 1, 2),
+}
+
+
+def configs(case: str) -> list[TrainConfig]:
+    grid = dict(CASES[case][0])
+    return [TrainConfig(**{**grid, "lr": lr}) for lr in grid.pop("lr")]
+
+
+def sweep_cmd(case: str, results: Path) -> list[str]:
+    grid, every, pack, tasks = CASES[case]
+    opts = [
+        a
+        for k, v in grid.items()
+        for a in (f"--{k.replace('_', '-')}", ",".join(map(str, v)) if isinstance(v, list) else str(v))
+    ]
+    return [
+        *(sys.executable, "-m", "mnist_jobs", "sweep", *opts, "--checkpoint-every", str(every)),
+        *("--pack", str(pack), "--tasks-per-node", str(tasks), "--max-parallel", "1", "--name", "m"),
+        *("--results-dir", str(results)),
+    ]
+
+
+def run_sweep(case: str, results: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        sweep_cmd(case, results),
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=600,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+
+
+def results_of(folder: Path) -> dict[str, dict]:
+    return {
+        p.stem: json.loads(p.read_text()) for p in sorted(folder.glob("*.json")) if p.name != "sweep.json"
+    }
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The uninterrupted runs: in this process for one rank (as the local executor runs a lone task:
+    all of this machine's cores as threads), through the same sweep command for DDP."""
+    cache: dict[str, dict[str, dict]] = {}
+
+    def get(case: str) -> dict[str, dict]:
+        if case not in cache:
+            results = tmp_path_factory.mktemp(f"straight-{case}")
+            if CASES[case][3] == 1:
+                cfgs = configs(case)
+                before = torch.get_num_threads()
+                torch.set_num_threads(os.cpu_count() or 1)
+                try:
+                    recs = train_pack(cfgs, run_ids=[sweep_run_id(c) for c in cfgs], results_dir=results)
+                finally:
+                    torch.set_num_threads(before)
+                cache[case] = {r["run_id"]: r for r in recs}
+            else:
+                done = run_sweep(case, results)
+                assert done.returncode == 0, done.stdout + done.stderr
+                cache[case] = results_of(results / "m")
+            assert len(cache[case]) == len(configs(case))
+            assert all(r["status"] == "completed" for r in cache[case].values())
+        return cache[case]
+
+    return get
+
+
+def workers(folder: Path) -> list[int]:
+    """The processes submitit started for the sweep's job (one per task: a DDP job has two)."""
+    out = subprocess.run(
+        ["pgrep", "-f", f"submitit.core._submit {folder / 'logs'}"], capture_output=True, text=True
+    ).stdout.split()
+    return [int(p) for p in out]
+
+
+def interrupt(case: str, results: Path, how: str) -> int:
+    """Start the sweep, wait for a periodic checkpoint newer than any on disk, signal every task of
+    its job; return the iteration the checkpoint on disk then holds."""
+    folder = results / "m"
+    before = {p: p.stat().st_mtime_ns for p in folder.glob(f"*{SUFFIX}")}
+    proc = subprocess.Popen(
+        sweep_cmd(case, results),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+
+    def fresh() -> bool:
+        for p in folder.glob(f"*{SUFFIX}"):
+            with contextlib.suppress(FileNotFoundError):
+                if before.get(p) != p.stat().st_mtime_ns:
+                    return True
+        return False
+
+    try:
+        deadline = time.monotonic() + 120
+        while not fresh():
+            assert proc.poll() is None, f"ended before a new checkpoint:\n{proc.stdout.read()}"
+            assert time.monotonic() < deadline, "no checkpoint appeared"
+            time.sleep(0.01)
+        pids = workers(folder)
+        assert len(pids) == CASES[case][3], pids
+        for pid in pids:
+            os.kill(pid, signal.SIGTERM if how == "sigterm" else signal.SIGKILL)
+        out = proc.communicate(timeout=120)[0]
+    finally:
+        proc.kill()
+    assert proc.returncode == 1, out  # the task failed: stopped (SIGTERM) or killed
+    assert not results_of(folder), "a stopped or killed run wrote a result"
+    [ck] = folder.glob(f"*{SUFFIX}")
+    return torch.load(ck, weights_only=True)["loop"]["iteration"]
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_stopped_killed_and_swept_again_equals_uninterrupted(tmp_path, case, uninterrupted):
+    iters, every = CASES[case][0]["iters"], CASES[case][1]
+    # SIGTERM: checkpoints at the next iteration (DDP: where the ranks next agree, every 20), stops
+    termed_at = interrupt(case, tmp_path, "sigterm")
+    assert 0 < termed_at < iters
+    killed_at = interrupt(case, tmp_path, "sigkill")  # resumed, then killed: the last periodic one
+    assert termed_at < killed_at < iters and killed_at % every == 0
+
+    again = run_sweep(case, tmp_path)  # what a user does: the same command again
+    assert again.returncode == 0, again.stdout + again.stderr
+    folder = tmp_path / "m"
+    got, ref = results_of(folder), uninterrupted(case)
+    assert sorted(got) == sorted(ref)  # exactly one result per run
+    for run_id, rec in got.items():
+        assert rec["status"] == "completed"
+        assert rec["metrics"]["history"] == ref[run_id]["metrics"]["history"]  # bit for bit
+        ck = rec["checkpointing"]
+        assert ck["resumed_from_iteration"] == killed_at and ck["resumes"] == 2
+        assert rec["packed_with"] == ref[run_id]["packed_with"]
+        a = torch.load(rec["model_path"], weights_only=True)
+        b = torch.load(ref[run_id]["model_path"], weights_only=True)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not list(folder.glob(f"*{SUFFIX}"))  # the checkpoint is gone once the results are written
+    log = "".join(p.read_text() for p in (folder / "logs").glob("*_log.out"))
+    assert f"stopping at iteration {termed_at}" in log and f"at iteration {killed_at}" in log
+    manifest = read_manifest(folder)
+    assert set(manifest["runs"]) == set(got) and len(manifest["submissions"]) == 3
