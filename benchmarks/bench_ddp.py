@@ -16,7 +16,8 @@ import tempfile
 from pathlib import Path
 
 from mnist_jobs.config import TrainConfig
-from mnist_jobs.launch import TrainTask, run_local
+from mnist_jobs.job import TrainTask
+from mnist_jobs.local import run_local
 
 
 def one(model: str, iters: int, batch: int, tasks: int, tmp: Path) -> dict:

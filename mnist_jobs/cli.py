@@ -7,6 +7,8 @@ ends in one line on stderr, `Error: ...`, and exit code 2.
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import json
 import sys
 import time
@@ -107,15 +109,102 @@ def _preflight(config: TrainConfig, data_dir: Path | None, results_dir: Path) ->
     from .device import DeviceError, select_device
     from .results import check_writable_dir
 
-    try:
-        check_writable_dir(results_dir)
+    try:  # the results folder last: checking it creates it
         select_device(config.device)
         prepare(data_dir)
+        check_writable_dir(results_dir)
     except (OSError, DataError, DeviceError) as e:
         fail(str(e))
 
 
+# ---- SLURM / launch options (shared by `train` and `sweep`) ------------------------------------
+
+_S = "SLURM (any of these submits to SLURM)"
+Partition = Annotated[Optional[str], typer.Option(help="SLURM partition.", rich_help_panel=_S)]
+Nodes = Annotated[Optional[int], typer.Option(help="Nodes per job. Default: 1.", rich_help_panel=_S)]
+GpusPerNode = Annotated[Optional[int], typer.Option(help="GPUs per node (--gres gpu:N).", rich_help_panel=_S)]
+TasksPerNode = Annotated[
+    Optional[int],
+    typer.Option(help="Processes per node (DDP ranks; works locally too). Default: 1.", rich_help_panel=_S),
+]
+CpusPerTask = Annotated[Optional[int], typer.Option(help="CPUs per task. Default: 1.", rich_help_panel=_S)]
+MemGb = Annotated[Optional[float], typer.Option(help="Memory per node in GB.", rich_help_panel=_S)]
+TimeMin = Annotated[
+    Optional[int], typer.Option(help="Time limit in minutes. Default: 60.", rich_help_panel=_S)
+]
+Account = Annotated[Optional[str], typer.Option(help="SLURM account.", rich_help_panel=_S)]
+Qos = Annotated[Optional[str], typer.Option(help="SLURM QOS.", rich_help_panel=_S)]
+Constraint = Annotated[Optional[str], typer.Option(help="SLURM node constraint.", rich_help_panel=_S)]
+Exclusive = Annotated[bool, typer.Option("--exclusive", help="Whole nodes only.", rich_help_panel=_S)]
+SlurmOpt = Annotated[
+    Optional[list[str]], typer.Option(help="Extra sbatch option KEY=VALUE (repeatable).", rich_help_panel=_S)
+]
+Setup = Annotated[
+    Optional[list[str]],
+    typer.Option(
+        help="Shell line run before the job, e.g. 'module load cuda' (repeatable).", rich_help_panel=_S
+    ),
+]
+# Every SLURM option, once: CLI name (the SlurmConfig field's, but slurm_opt) -> (type, default).
+SLURM_OPTIONS: dict[str, tuple[Any, Any]] = {
+    "partition": (Partition, None),
+    "nodes": (Nodes, None),
+    "gpus_per_node": (GpusPerNode, None),
+    "tasks_per_node": (TasksPerNode, None),
+    "cpus_per_task": (CpusPerTask, None),
+    "mem_gb": (MemGb, None),
+    "time_min": (TimeMin, None),
+    "account": (Account, None),
+    "qos": (Qos, None),
+    "constraint": (Constraint, None),
+    "exclusive": (Exclusive, False),
+    "slurm_opt": (SlurmOpt, None),
+    "setup": (Setup, None),
+}
+Executor = Annotated[
+    str, typer.Option(help="auto (slurm if any SLURM option is given), slurm or local.", rich_help_panel=_S)
+]
+_C = "Checkpoints (sweep runs and submitted train runs)"
+CheckpointEvery = Annotated[
+    Optional[int],
+    typer.Option(
+        help="Checkpoint every N iterations into <run_id>.ckpt.pt, a pack into pack-<hash>.ckpt.pt (0: only when stopped by a signal). Default: off below 2000 iterations, else every max(1000, iters/20).",
+        metavar="N",
+        rich_help_panel=_C,
+    ),
+]
+MaxRequeues = Annotated[
+    int,
+    typer.Option(
+        help="Requeue a job stopped by its time limit or a preemption at most N times; each attempt resumes from the checkpoint.",
+        metavar="N",
+        rich_help_panel=_C,
+    ),
+]
+
+
+def _slurm_options(command):
+    """Give a command every SLURM option of SLURM_OPTIONS (typer reads the signature); the command
+    receives them as one `slurm` dict keyed by SlurmConfig field. One table for `train` and `sweep`:
+    adding a SLURM option is a SlurmConfig field and its line in SLURM_OPTIONS."""
+    sig = inspect.signature(command)
+    extra = [
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation, default=default)
+        for name, (annotation, default) in SLURM_OPTIONS.items()
+    ]
+    params = [p for p in sig.parameters.values() if p.name != "slurm"]
+
+    @functools.wraps(command)
+    def with_slurm(**kwargs: Any) -> Any:
+        slurm = {_SLURM_OPTION_FIELD.get(n, n): kwargs.pop(n) for n in SLURM_OPTIONS}
+        return command(**kwargs, slurm=slurm)
+
+    with_slurm.__signature__ = sig.replace(parameters=params + extra)  # type: ignore[attr-defined]
+    return with_slurm
+
+
 @app.command()
+@_slurm_options
 def train(
     model: Model = None,
     optimizer: Optimizer = None,
@@ -137,19 +226,7 @@ def train(
         bool, typer.Option("--wait", help="With SLURM options: follow the job until it ends.")
     ] = False,
     executor: Executor = "auto",
-    partition: Partition = None,
-    nodes: Nodes = None,
-    gpus_per_node: GpusPerNode = None,
-    tasks_per_node: TasksPerNode = None,
-    cpus_per_task: CpusPerTask = None,
-    mem_gb: MemGb = None,
-    time_min: TimeMin = None,
-    account: Account = None,
-    qos: Qos = None,
-    constraint: Constraint = None,
-    exclusive: Exclusive = False,
-    slurm_opt: SlurmOpt = None,
-    setup: Setup = None,
+    slurm: dict[str, Any] | None = None,  # the SLURM options (SLURM_OPTIONS), added by @_slurm_options
     checkpoint_every: CheckpointEvery = None,
     max_requeues: MaxRequeues = 3,
 ) -> None:
@@ -160,17 +237,13 @@ def train(
     v = dict(locals())
     try:
         config = train_config_from_options(_train_options(v))
-        slurm = _slurm_config(v)
-        _check_checkpoint_options(v)
+        opts = _sweep_options(v, force=True)  # a submitted (or multi-process) run: a one-run sweep
     except ConfigError as e:
         fail(str(e))
-    kind = _executor_kind(executor, v)
-    if kind == "slurm" or slurm.tasks_per_node > 1 or slurm.nodes > 1 or kind == "debug":
-        # Submitted (or multi-process) runs go through the sweep machinery: a one-run sweep.
-        from .launch import sweep_run_id
+    if opts.executor != "local" or opts.slurm.tasks_per_node > 1:
+        from .grid import sweep_run_id
 
-        v.update(pack=1, max_parallel=None, retry_failed=False, force=True)
-        _launch([config], {}, v, slurm, name=f"train-{sweep_run_id(config)}")
+        _launch(opts, dry_run=dry_run, wait=wait, name=f"train-{sweep_run_id(config)}")
         return
     if checkpoint_every is not None or max_requeues != 3:
         typer.echo(
@@ -218,102 +291,8 @@ def _run_local(config: TrainConfig, data_dir: Path | None, results_dir: Path) ->
     )
 
 
-# ---- SLURM / launch options (shared by `train` and `sweep`) ------------------------------------
-
-_S = "SLURM (any of these submits to SLURM)"
-Partition = Annotated[Optional[str], typer.Option(help="SLURM partition.", rich_help_panel=_S)]
-Nodes = Annotated[Optional[int], typer.Option(help="Nodes per job. Default: 1.", rich_help_panel=_S)]
-GpusPerNode = Annotated[Optional[int], typer.Option(help="GPUs per node (--gres gpu:N).", rich_help_panel=_S)]
-TasksPerNode = Annotated[
-    Optional[int],
-    typer.Option(help="Processes per node (DDP ranks; works locally too). Default: 1.", rich_help_panel=_S),
-]
-CpusPerTask = Annotated[Optional[int], typer.Option(help="CPUs per task. Default: 1.", rich_help_panel=_S)]
-MemGb = Annotated[Optional[float], typer.Option(help="Memory per node in GB.", rich_help_panel=_S)]
-TimeMin = Annotated[
-    Optional[int], typer.Option(help="Time limit in minutes. Default: 60.", rich_help_panel=_S)
-]
-Account = Annotated[Optional[str], typer.Option(help="SLURM account.", rich_help_panel=_S)]
-Qos = Annotated[Optional[str], typer.Option(help="SLURM QOS.", rich_help_panel=_S)]
-Constraint = Annotated[Optional[str], typer.Option(help="SLURM node constraint.", rich_help_panel=_S)]
-Exclusive = Annotated[bool, typer.Option("--exclusive", help="Whole nodes only.", rich_help_panel=_S)]
-SlurmOpt = Annotated[
-    Optional[list[str]], typer.Option(help="Extra sbatch option KEY=VALUE (repeatable).", rich_help_panel=_S)
-]
-Setup = Annotated[
-    Optional[list[str]],
-    typer.Option(
-        help="Shell line run before the job, e.g. 'module load cuda' (repeatable).", rich_help_panel=_S
-    ),
-]
-Executor = Annotated[
-    str, typer.Option(help="auto (slurm if any SLURM option is given), slurm or local.", rich_help_panel=_S)
-]
-_C = "Checkpoints (sweep runs and submitted train runs)"
-CheckpointEvery = Annotated[
-    Optional[int],
-    typer.Option(
-        help="Checkpoint every N iterations into <run_id>.ckpt.pt, a pack into pack-<hash>.ckpt.pt (0: only when stopped by a signal). Default: off below 2000 iterations, else every max(1000, iters/20).",
-        metavar="N",
-        rich_help_panel=_C,
-    ),
-]
-MaxRequeues = Annotated[
-    int,
-    typer.Option(
-        help="Requeue a job stopped by its time limit or a preemption at most N times; each attempt resumes from the checkpoint.",
-        metavar="N",
-        rich_help_panel=_C,
-    ),
-]
-
-_SLURM_TRIGGERS = (
-    "partition",
-    "nodes",
-    "gpus_per_node",
-    "cpus_per_task",
-    "mem_gb",
-    "time_min",
-    "account",
-    "qos",
-    "constraint",
-    "slurm_opt",
-    "setup",
-)
-
-
-def _slurm_config(v: dict[str, Any]):
-    from .config import SlurmConfig, parse_slurm_opt
-
-    given = {
-        "partition": v["partition"],
-        "nodes": v["nodes"],
-        "tasks_per_node": v["tasks_per_node"],
-        "gpus_per_node": v["gpus_per_node"],
-        "cpus_per_task": v["cpus_per_task"],
-        "mem_gb": v["mem_gb"],
-        "time_min": v["time_min"],
-        "account": v["account"],
-        "qos": v["qos"],
-        "constraint": v["constraint"],
-    }
-    kwargs = {k: val for k, val in given.items() if val is not None}
-    kwargs["exclusive"] = v["exclusive"]
-    kwargs["slurm_opts"] = tuple(parse_slurm_opt(s) for s in (v["slurm_opt"] or []))
-    kwargs["setup"] = tuple(v["setup"] or [])
-    return SlurmConfig(**kwargs)
-
-
-def _executor_kind(requested: str, v: dict[str, Any]) -> str:
-    if requested not in ("auto", "slurm", "local", "debug"):
-        fail(f"--executor must be auto, slurm or local (got {requested!r})")
-    if requested != "auto":
-        return requested
-    wants_slurm = any(v[k] not in (None, [], ()) for k in _SLURM_TRIGGERS) or v["exclusive"]
-    return "slurm" if wants_slurm else "local"
-
-
 @app.command()
+@_slurm_options
 def sweep(
     model: Model = None,
     optimizer: Optimizer = None,
@@ -357,19 +336,7 @@ def sweep(
         bool, typer.Option("--yes", "-y", help=f"Allow grids larger than {10_000:,} runs.")
     ] = False,
     executor: Executor = "auto",
-    partition: Partition = None,
-    nodes: Nodes = None,
-    gpus_per_node: GpusPerNode = None,
-    tasks_per_node: TasksPerNode = None,
-    cpus_per_task: CpusPerTask = None,
-    mem_gb: MemGb = None,
-    time_min: TimeMin = None,
-    account: Account = None,
-    qos: Qos = None,
-    constraint: Constraint = None,
-    exclusive: Exclusive = False,
-    slurm_opt: SlurmOpt = None,
-    setup: Setup = None,
+    slurm: dict[str, Any] | None = None,  # the SLURM options (SLURM_OPTIONS), added by @_slurm_options
     checkpoint_every: CheckpointEvery = None,
     max_requeues: MaxRequeues = 3,
 ) -> None:
@@ -378,299 +345,122 @@ def sweep(
     With any SLURM option (--partition, --gpus-per-node, ...) the grid is submitted as a SLURM job array and the command returns; otherwise it runs on this machine. Runs that already have a completed result are skipped, so the same command resumes a sweep.
     """
     v = dict(locals())
-    from .launch import MAX_GRID, expand_grid, grid_size, grid_values, read_sweep_file
-
     try:
-        file_values = read_sweep_file(config) if config else {}
-        values = grid_values(_train_options(v), file_values)
-        size = grid_size(values)
-        if size > MAX_GRID and not yes:
-            fail(f"the grid has {size:,} runs (more than {MAX_GRID:,}); pass --yes to run it anyway")
-        configs = expand_grid(values)
-        slurm = _slurm_config({**v, **_file_slurm(file_values, v)})
-        _check_checkpoint_options(v)
+        opts = _sweep_options(v, config_file=config, name=name, allow_huge=yes)
     except ConfigError as e:
         fail(str(e))
-    _launch(configs, values, v, slurm, name=name or file_values.get("name"))
+    _launch(opts, dry_run=dry_run, wait=wait)
 
 
-def _check_checkpoint_options(v: dict[str, Any]) -> None:
-    for key in ("checkpoint_every", "max_requeues"):
-        if v[key] is not None and v[key] < 0:
-            raise ConfigError(f"--{key.replace('_', '-')} must be >= 0 (got {v[key]})")
+# CLI option name -> SlurmConfig field (the same name, but for these two)
+_SLURM_OPTION_FIELD = {"slurm_opt": "slurm_opts"}
 
 
-def _file_slurm(file_values: dict[str, Any], v: dict[str, Any]) -> dict[str, Any]:
-    """[slurm] table values from a sweep file, where the CLI did not give them."""
-    table = file_values.get("slurm") or {}
-    out = {}
-    for key, val in table.items():
-        k = key.replace("-", "_")
-        if k in v and v[k] in (None, False, []):
-            out[k] = val
-    return out
+def _sweep_options(v: dict[str, Any], *, config_file: Path | None = None, **extra: Any):
+    """The typed options of a launch from this command's values (and a sweep file)."""
+    from .launch import SweepOptions
+
+    slurm = v["slurm"]
+    behaviour = {
+        k: v[k] for k in ("pack", "max_parallel", "retry_failed", "force", "checkpoint_every") if k in v
+    }
+    return SweepOptions.from_sources(
+        training=_train_options(v),
+        slurm=slurm,
+        config_file=config_file,
+        executor=v["executor"],
+        results_dir=v["results_dir"],
+        data_dir=v["data_dir"],
+        max_requeues=v["max_requeues"],
+        **{**behaviour, **extra},
+    )
 
 
-def _launch(configs, values, v: dict[str, Any], slurm, *, name: str | None) -> None:
-    """Shared by `sweep` and `train --partition`: plan, dry-run, submit or run locally."""
+def _launch(opts, *, dry_run: bool, wait: bool, name: str | None = None) -> None:
+    """Shared by `sweep` and `train --partition`: plan, dry-run, submit or run here (launch.py does the
+    work; this renders it)."""
     from rich.console import Console
 
-    from .launch import default_sweep_name, plan_runs, sweep_run_id
+    from . import launch
+    from .slurm import LaunchError
 
     console = Console()
-    kind = _executor_kind(v["executor"], v)
-    if v["pack"] < 1:
-        fail(f"--pack must be >= 1 (got {v['pack']})")
-    if v["pack"] > 1 and (slurm.tasks_per_node > 1 or slurm.nodes > 1):
-        fail(
-            f"--pack {v['pack']} cannot be combined with several tasks per job (--tasks-per-node "
-            f"{slurm.tasks_per_node}, --nodes {slurm.nodes}): a pack trains in one process"
-        )
-    if v["max_parallel"] is not None and v["max_parallel"] < 1:
-        fail(f"--max-parallel must be >= 1 (got {v['max_parallel']})")
-    if kind != "slurm" and slurm.nodes > 1:
-        fail(f"--nodes {slurm.nodes} needs SLURM; the local executor runs on one node")
-    _check_gpus_for_tasks(configs, slurm, kind)
-    run_ids = [sweep_run_id(c) for c in configs]
-    name = name or default_sweep_name(run_ids)
-    if not name or "/" in name or name.startswith("."):
-        fail(f"--name must be a plain folder name (got {name!r})")
-    if len(name.encode(errors="surrogateescape")) > 200:
-        fail(f"--name must be at most 200 bytes long (got {len(name.encode(errors='surrogateescape'))})")
-    results_dir: Path = v["results_dir"]
-    folder = results_dir / name
-    by_id = dict(zip(run_ids, configs))
-    console.print(f"sweep [bold]{name}[/]: {len(configs)} run(s), executor {kind}")
+    try:
+        plan = launch.make_plan(opts, name=name)
+        console.print(f"sweep [bold]{plan.name}[/]: {len(plan.configs)} run(s), executor {plan.executor}")
+        if dry_run:
+            _print_dry_run(console, plan, launch.dry_run(plan))
+            return
+        if plan.executor == "slurm" and str(opts.results_dir.resolve()).startswith("/tmp"):
+            typer.echo(
+                f"Warning: results dir {opts.results_dir} is under /tmp: compute nodes may not see it",
+                err=True,
+            )
+        launch.preflight(plan)
+        todo, skipped = plan.todo()
+        for reason, ids in skipped.items():
+            if ids:
+                hint = " (--retry-failed to rerun)" if reason == "failed" else ""
+                where = " (in another process)" if reason == "running" else ""
+                console.print(f"  {len(ids)} run(s) already {reason}{where}: skipped{hint}")
+        if not todo:
+            console.print("nothing to submit")
+            return
+        tasks, groups = launch.make_tasks(plan, todo)
+        if plan.executor == "slurm":
+            sub = launch.submit(plan, tasks, groups)
+        else:
+            _run_here(console, plan, tasks, groups)
+            return
+    except (ConfigError, LaunchError) as e:
+        fail(str(e))
+    from .sweepdir import LOG_DIR
 
-    if v["dry_run"]:
-        _print_dry_run(console, configs, run_ids, values, folder, name, slurm, v, kind)
-        return
-    if kind == "slurm" and str(results_dir.resolve()).startswith("/tmp"):
-        typer.echo(
-            f"Warning: results dir {results_dir} is under /tmp: compute nodes may not see it", err=True
-        )
-    for c in configs:  # cheap preflight before anything is written or submitted
-        if kind != "slurm":
-            _preflight(c, v["data_dir"], results_dir)
-    if kind == "slurm":
-        _preflight_slurm(slurm)
-        _preflight_common(v["data_dir"], results_dir)
-    todo, skipped = plan_runs(
-        folder, run_ids, retry_failed=v["retry_failed"], force=v["force"], executor=kind
+    console.print(
+        f"submitted {sub.runs} run(s) as {sub.tasks} task(s) in job(s) {', '.join(sub.arrays)}"
+        f" (partition {opts.slurm.partition or 'default'})"
     )
-    for reason, ids in skipped.items():
-        if ids:
-            hint = " (--retry-failed to rerun)" if reason == "failed" else ""
-            where = " (in another process)" if reason == "running" else ""
-            console.print(f"  {len(ids)} run(s) already {reason}{where}: skipped{hint}")
-    if not todo:
-        console.print("nothing to submit")
-        return
-    tasks, groups = _make_tasks([by_id[r] for r in todo], todo, folder, v, kind)
-    if v["force"]:  # a rerun starts from scratch, not from an earlier attempt's checkpoint
-        from .checkpoint import checkpoint_path, population_path
-
-        for run_id in todo:  # a lone attempt's
-            checkpoint_path(folder, run_id).unlink(missing_ok=True)
-        for group in groups:  # a pack's (one file per pack, named after its runs)
-            population_path(folder, group).unlink(missing_ok=True)
-    if kind == "slurm":
-        _submit(console, name, folder, tasks, groups, values, slurm, v, by_id)
-    else:
-        _run_here(console, name, folder, tasks, groups, values, slurm, v, by_id, kind)
+    console.print(f"  results: {plan.folder}/   logs: {plan.folder / LOG_DIR}/")
+    console.print(f"  follow:  mnist-jobs status {plan.name} --results-dir {opts.results_dir}")
+    if wait:
+        _follow(console, plan.folder)
 
 
-def _check_gpus_for_tasks(configs, slurm, kind: str) -> None:
-    """DDP on CUDA puts one rank per GPU: refuse more tasks per node than GPUs before anything starts."""
-    from .launch import local_gpu_count
-
-    for c in configs:
-        wants_cuda = c.device.startswith("cuda")
-        if kind == "slurm":
-            if wants_cuda and slurm.gpus_per_node == 0:
-                fail(f"--device {c.device} on SLURM needs --gpus-per-node")
-            if (wants_cuda or c.device == "auto") and 0 < slurm.gpus_per_node < slurm.tasks_per_node:
-                fail(
-                    f"--tasks-per-node {slurm.tasks_per_node} > --gpus-per-node {slurm.gpus_per_node}: "
-                    "DDP on CUDA runs one task per GPU"
-                )
-        elif slurm.tasks_per_node > 1:
-            gpus = local_gpu_count()
-            if (wants_cuda or (c.device == "auto" and gpus)) and slurm.tasks_per_node > gpus:
-                fail(
-                    f"--tasks-per-node {slurm.tasks_per_node} with --device {c.device} needs "
-                    f"{slurm.tasks_per_node} GPUs; this machine has {gpus}"
-                )
-
-
-def _preflight_slurm(slurm) -> None:
-    """SLURM is there, the partition exists and its nodes can hold one job; else one line, exit 2."""
-    from .launch import LaunchError, check_slurm_fits, sinfo_partitions
-
-    try:
-        check_slurm_fits(slurm, sinfo_partitions())
-    except LaunchError as e:
-        fail(str(e))
-
-
-def _preflight_common(data_dir: Path | None, results_dir: Path) -> None:
-    from .data import DataError, prepare
-    from .results import check_writable_dir
-
-    try:
-        check_writable_dir(results_dir)
-        prepare(data_dir)
-    except (OSError, DataError) as e:
-        fail(str(e))
-
-
-def _plan_groups(configs, pack: int) -> list[list[int]]:
-    """The runs each task trains, as indices into `configs`: one per task, or packs (--pack N).
-
-    The one grouping both the submission and the dry run use, so the dry run shows the real tasks."""
-    if pack <= 1:
-        return [[i] for i in range(len(configs))]
-    from .packed import PackError, group_for_packing
-
-    try:
-        return group_for_packing(configs, pack)
-    except PackError as e:
-        fail(str(e))
-
-
-def _make_tasks(configs, run_ids, folder: Path, v: dict[str, Any], kind: str):
-    """One TrainTask per run, or per pack of runs (--pack N).
-
-    A pack is sized on the machine that trains it: here for the local executors; for SLURM the compute
-    node checks it at run time (the login node may have no GPU, or another one)."""
-    from .launch import TrainTask
-
-    data_dir = str(v["data_dir"]) if v["data_dir"] else None
-    groups = _plan_groups(configs, v["pack"])
-    if kind != "slurm" and v["pack"] > 1:
-        from .device import DeviceError, select_device
-        from .packed import PackError, check_pack_fits
-
-        for g in groups:
-            try:
-                check_pack_fits(configs[g[0]], len(g), select_device(configs[g[0]].device))
-            except (PackError, DeviceError) as e:
-                fail(str(e))
-    tasks = [
-        TrainTask(
-            configs=[configs[i].to_dict() for i in g],
-            run_ids=[run_ids[i] for i in g],
-            results_dir=str(folder),
-            data_dir=data_dir,
-            extra={"sweep": folder.name},
-            checkpoint_every=v["checkpoint_every"],
-            max_requeues=v["max_requeues"],
-            skip_completed=not v["force"],
-        )
-        for g in groups
-    ]
-    return tasks, [[run_ids[i] for i in g] for g in groups]
-
-
-def _print_dry_run(console, configs, run_ids, values, folder, name, slurm, v, kind) -> None:
+def _print_dry_run(console, plan, dry) -> None:
     from rich.table import Table
 
-    from .launch import LOG_DIR, max_array_size, sbatch_text, slurm_executor
-
-    swept = [k for k, vals in values.items() if len(vals) > 1] or ["lr"]
-    table = Table(title=f"grid of {name}")
+    swept = [k for k, vals in plan.options.grid.items() if len(vals) > 1] or ["lr"]
+    table = Table(title=f"grid of {plan.name}")
     table.add_column("run id")
     for k in swept:
         table.add_column(k, justify="right")
-    for rid, c in zip(run_ids, configs):
+    for rid, c in zip(plan.run_ids, plan.configs):
         table.add_row(rid, *(str(getattr(c, k)) for k in swept))
     console.print(table)
-    groups = _plan_groups(configs, v["pack"])
-    n_tasks = len(groups)
-    if v["pack"] > 1:
-        console.print(f"{n_tasks} task(s) of at most {v['pack']} run(s) each (packs as submitted):")
-        for i, g in enumerate(groups):  # plain lines, never wrapped: one task per line
-            typer.echo(f"  task {i}: {', '.join(run_ids[j] for j in g)}")
+    n_tasks = len(dry.groups)
+    if plan.options.pack > 1:
+        console.print(f"{n_tasks} task(s) of at most {plan.options.pack} run(s) each (packs as submitted):")
+        for i, g in enumerate(dry.groups):  # plain lines, never wrapped: one task per line
+            typer.echo(f"  task {i}: {', '.join(g)}")
     else:
         console.print(f"{n_tasks} task(s), one run each")
-    if kind == "slurm":
-        ex = slurm_executor(
-            folder / LOG_DIR, name, slurm, v["max_parallel"], dry_run=True, max_requeues=v["max_requeues"]
-        )
-        limit = max_array_size()
-        per = min(n_tasks, limit) if limit else n_tasks
-        if limit and n_tasks > limit:
-            console.print(f"{n_tasks} tasks > MaxArraySize {limit}: {-(-n_tasks // limit)} arrays")
-        typer.echo(sbatch_text(ex, per))
+    if dry.sbatch is not None:
+        if dry.arrays > 1:
+            console.print(f"{n_tasks} tasks > MaxArraySize {dry.max_array}: {dry.arrays} arrays")
+        typer.echo(dry.sbatch)
     console.print("dry run: nothing submitted")
 
 
-def _submit(console, name, folder, tasks, groups, values, slurm, v, by_id) -> None:
-    from .launch import LOG_DIR, LaunchError, max_array_size, record_submission, slurm_executor, submit_slurm
-
-    try:
-        ex = slurm_executor(folder / LOG_DIR, name, slurm, v["max_parallel"], max_requeues=v["max_requeues"])
-    except LaunchError as e:
-        fail(str(e))
-    limit = max_array_size()
-    new_folder = not folder.exists()
-    try:
-        job_chunks = submit_slurm(ex, tasks, limit)
-        error = None
-    except LaunchError as e:
-        job_chunks, error = e.done, e  # type: ignore[attr-defined]
-        if not job_chunks and new_folder:  # refused outright: leave no trace (submitit's script)
-            import shutil
-
-            shutil.rmtree(folder, ignore_errors=True)
-    job_ids = [j for chunk in job_chunks for j in chunk]
-    runs = {}
-    for group, job_id in zip(groups, job_ids):
-        for run_id in group:
-            runs[run_id] = {
-                "config": by_id[run_id].to_dict(),
-                "job_id": job_id,
-                "packed_with": [r for r in group if r != run_id],
-            }
-    if runs:  # the manifest only ever lists what was really submitted
-        record_submission(folder, name=name, executor="slurm", grid=values, slurm=slurm.to_dict(), runs=runs)
-    if error is not None:
-        fail(
-            f"sbatch refused the submission: {error}"
-            + (f" ({len(runs)} run(s) submitted before)" if runs else "")
-        )
-    arrays = sorted({j.split("_")[0] for j in job_ids})
-    console.print(
-        f"submitted {len(runs)} run(s) as {len(tasks)} task(s) in job(s) {', '.join(arrays)}"
-        f" (partition {slurm.partition or 'default'})"
-    )
-    console.print(f"  results: {folder}/   logs: {folder / LOG_DIR}/")
-    console.print(f"  follow:  mnist-jobs status {name} --results-dir {v['results_dir']}")
-    if v["wait"]:
-        _follow(console, folder)
-
-
-def _run_here(console, name, folder, tasks, groups, values, slurm, v, by_id, kind) -> None:
+def _run_here(console, plan, tasks, groups) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from .launch import (
-        COMPLETED_ELSEWHERE,
-        LOG_DIR,
-        RUNNING_ELSEWHERE,
-        local_gpu_count,
-        record_submission,
-        run_local,
-    )
+    from .job import COMPLETED_ELSEWHERE, RUNNING_ELSEWHERE
+    from .launch import local_parallel, run_here
 
-    parallel = v["max_parallel"] or max(1, local_gpu_count())
-    runs = {
-        r: {"config": by_id[r].to_dict(), "job_id": None, "packed_with": [x for x in g if x != r]}
-        for g in groups
-        for r in g
-    }
-    record_submission(folder, name=name, executor="local", grid=values, slurm=None, runs=runs)
+    parallel = local_parallel(plan.options)
+    n_runs = sum(len(g) for g in groups)
     console.print(
-        f"running {len(runs)} run(s) here, {min(parallel, len(tasks))} at a time; results in {folder}/"
+        f"running {n_runs} run(s) here, {min(parallel, len(tasks))} at a time; results in {plan.folder}/"
     )
     with Progress(
         TextColumn("{task.description}"),
@@ -683,37 +473,26 @@ def _run_here(console, name, folder, tasks, groups, values, slurm, v, by_id, kin
         elsewhere: list[str] = []
 
         def on_event(what: str, i: int, obj: Any) -> None:
-            if what == "started" and kind == "local":
-                ids = {r: {**runs[r], "job_id": str(obj.job_id)} for r in groups[i]}
-                record_submission(
-                    folder, name=name, executor="local", grid=values, slurm=None, runs=ids, new_attempt=False
-                )
-            if what == "finished":
-                bar.advance(t)
-                said: dict[str, str] = {}  # what the task says it did with each run
-                with contextlib.suppress(Exception):  # (a failed job has no output)
-                    said = {o["run_id"]: o["status"] for o in obj.results()[0]}
-                for rid in groups[i]:
-                    if said.get(rid) == RUNNING_ELSEWHERE:
-                        elsewhere.append(rid)
-                        bar.console.print(f"  {rid}: being trained by another process, not here")
-                        continue
-                    if said.get(rid) == COMPLETED_ELSEWHERE:
-                        bar.console.print(f"  {rid}: completed meanwhile by another process")
-                        continue
-                    _, data = _result(folder, rid)
-                    acc = data["metrics"].get("test_accuracy") if data else None
-                    status = data["status"] if data else "missing"
-                    bar.console.print(f"  {rid}: {status}" + (f"  {acc:.2f}%" if acc is not None else ""))
+            if what != "finished":
+                return
+            bar.advance(t)
+            said: dict[str, str] = {}  # what the task says it did with each run
+            with contextlib.suppress(Exception):  # (a failed job has no output)
+                said = {o["run_id"]: o["status"] for o in obj.results()[0]}
+            for rid in groups[i]:
+                if said.get(rid) == RUNNING_ELSEWHERE:
+                    elsewhere.append(rid)
+                    bar.console.print(f"  {rid}: being trained by another process, not here")
+                    continue
+                if said.get(rid) == COMPLETED_ELSEWHERE:
+                    bar.console.print(f"  {rid}: completed meanwhile by another process")
+                    continue
+                _, data = _result(plan.folder, rid)
+                acc = data["metrics"].get("test_accuracy") if data else None
+                status = data["status"] if data else "missing"
+                bar.console.print(f"  {rid}: {status}" + (f"  {acc:.2f}%" if acc is not None else ""))
 
-        states = run_local(
-            folder / LOG_DIR,
-            tasks,
-            max_parallel=parallel,
-            tasks_per_node=slurm.tasks_per_node,
-            on_event=on_event,
-            executor_kind=kind,
-        )
+        states = run_here(plan, tasks, groups, on_event)
     failed = sum(s != "COMPLETED" for s in states)
     console.print(
         f"done: {len(states) - failed} task(s) completed, {failed} failed"
@@ -724,7 +503,7 @@ def _run_here(console, name, folder, tasks, groups, values, slurm, v, by_id, kin
 
 
 def _result(folder: Path, run_id: str):
-    from .launch import result_status
+    from .sweepdir import result_status
 
     return result_status(folder, run_id)
 
@@ -732,13 +511,13 @@ def _result(folder: Path, run_id: str):
 def _follow(console, folder: Path, interval_s: float = 2.0) -> None:
     from rich.live import Live
 
-    from .launch import run_states
+    from .sweepdir import run_states
 
     with Live(console=console, refresh_per_second=2) as live:
         while True:
             rows = run_states(folder)
             live.update(_status_table(folder.name, rows))
-            if all(r["state"] in ("COMPLETED", "FAILED", "CANCELLED", "MISSING") for r in rows):
+            if all(r["state"].done for r in rows):
                 break
             time.sleep(interval_s)
 
@@ -782,9 +561,11 @@ SweepName = Annotated[Optional[str], typer.Argument(help="Sweep name (folder und
 
 
 def _sweep_folder(name: str, results_dir: Path) -> Path:
+    from .sweepdir import MANIFEST, manifest_path
+
     folder = results_dir / name
-    if not (folder / "sweep.json").exists():
-        fail(f"no sweep named {name!r} under {results_dir} (no {folder}/sweep.json)")
+    if not manifest_path(folder).exists():
+        fail(f"no sweep named {name!r} under {results_dir} (no {folder}/{MANIFEST})")
     return folder
 
 
@@ -798,7 +579,7 @@ def status(
     from rich.console import Console
     from rich.table import Table
 
-    from .launch import list_sweeps, read_manifest, run_states
+    from .sweepdir import ManifestError, list_sweeps, read_manifest, run_states
 
     console = Console()
     if name is None:
@@ -806,8 +587,12 @@ def status(
         for col in ("name", "executor", "runs", "completed", "failed", "updated"):
             table.add_column(col)
         for folder in list_sweeps(results_dir):
-            m = read_manifest(folder) or {}
-            rows = run_states(folder)
+            try:
+                m = read_manifest(folder) or {}
+                rows = run_states(folder)
+            except ManifestError as e:  # one bad folder does not hide the others
+                table.add_row(folder.name, "[red]unreadable[/]", "", "", "", str(e))
+                continue
             table.add_row(
                 folder.name,
                 m.get("executor", "?"),
@@ -819,10 +604,13 @@ def status(
         console.print(table)
         return
     folder = _sweep_folder(name, results_dir)
-    if watch:
-        _follow(console, folder)
-    else:
-        console.print(_status_table(name, run_states(folder)))
+    try:
+        if watch:
+            _follow(console, folder)
+        else:
+            console.print(_status_table(name, run_states(folder)))
+    except ManifestError as e:
+        fail(str(e))
 
 
 @app.command()
@@ -837,10 +625,13 @@ def logs(
     ] = False,
 ) -> None:
     """Print a run's stdout and stderr (from its SLURM/local job)."""
-    from .launch import log_paths, read_manifest, run_states
+    from .sweepdir import ManifestError, RunState, load_manifest, log_paths, run_states
 
     folder = _sweep_folder(name, results_dir)
-    manifest = read_manifest(folder) or {"runs": {}}
+    try:
+        manifest = load_manifest(folder)
+    except ManifestError as e:
+        fail(str(e))
     ids = list(manifest["runs"])
     match = [r for r in ids if run is None or r.startswith(run)]
     if not match:
@@ -866,8 +657,8 @@ def logs(
             if not out.exists() and not err.exists():
                 typer.echo(f"no log yet for {run_id} (job {job_id}): expected {out}")
             return
-        state = next((r["state"] for r in run_states(folder) if r["run_id"] == run_id), "MISSING")
-        if state in ("COMPLETED", "FAILED", "CANCELLED", "MISSING"):
+        state = next((r["state"] for r in run_states(folder) if r["run_id"] == run_id), RunState.MISSING)
+        if RunState(state).done:
             return
         time.sleep(1.0)
 
@@ -878,18 +669,15 @@ def cancel(
     results_dir: ResultsDir = Path("results"),
 ) -> None:
     """Cancel (scancel) every run of a sweep that is still queued or running."""
-    from .launch import cancel_jobs, run_states
+    from .slurm import cancel_jobs
+    from .sweepdir import ManifestError, run_states
 
     folder = _sweep_folder(name, results_dir)
-    rows = run_states(folder)
-    live = sorted(
-        {
-            r["job_id"]
-            for r in rows
-            if r["job_id"]
-            and r["state"] in ("PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED")
-        }
-    )
+    try:
+        rows = run_states(folder)
+    except ManifestError as e:
+        fail(str(e))
+    live = sorted({r["job_id"] for r in rows if r["job_id"] and r["state"].live})
     if not live:
         typer.echo(f"nothing to cancel in {name}")
         return

@@ -11,6 +11,7 @@ import hashlib
 import json
 import math
 import re
+import unicodedata
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,7 +20,7 @@ OPTIMIZERS = ("sgd", "adam")
 TRAIN_SIZE = 60_000
 TEST_SIZE = 10_000
 _DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
-MAX_HYPERPARAM = 1e30  # lr, momentum, weight decay: float32 optimizers overflow far above this
+MAX_HYPERPARAM = 1e30  # lr, weight decay: float32 optimizers overflow far above this
 
 
 class ConfigError(ValueError):
@@ -50,7 +51,9 @@ class TrainConfig:
         _check_choice("model", self.model, MODELS)
         _check_choice("optimizer", self.optimizer, OPTIMIZERS)
         _check_number("lr", self.lr, float, minimum=0.0, strict=True, maximum=MAX_HYPERPARAM)
-        _check_number("momentum", self.momentum, float, minimum=0.0, maximum=MAX_HYPERPARAM)
+        _check_number("momentum", self.momentum, float, minimum=-math.inf)  # a finite number
+        if not 0.0 <= self.momentum < 1.0:  # momentum >= 1 never forgets a gradient: SGD diverges
+            raise ConfigError(f"--momentum must be >= 0 and < 1 (got {self.momentum!r})")
         _check_number("weight_decay", self.weight_decay, float, minimum=0.0, maximum=MAX_HYPERPARAM)
         _check_number("batch_size", self.batch_size, int, minimum=1, maximum=TRAIN_SIZE)
         _check_number("seed", self.seed, int, minimum=0, maximum=2**64 - 1)  # torch's seed range
@@ -186,23 +189,55 @@ def train_config_from_options(options: dict[str, Any]) -> TrainConfig:
 # ---- SLURM / launch parameters -----------------------------------------------------------------
 
 
+def _sbatch(name: str, convert: Any = None) -> dict[str, Any]:
+    """A SlurmConfig field's metadata: the submitit SlurmExecutor parameter it sets, and how its value
+    becomes that parameter's (None: left out)."""
+    return {"submitit": name, "convert": convert}
+
+
+def _mem(mem_gb: float | None) -> str | None:
+    """sbatch --mem with a unit (a bare number would mean megabytes)."""
+    if mem_gb is None:
+        return None
+    return f"{int(mem_gb)}G" if float(mem_gb).is_integer() else f"{round(mem_gb * 1024)}M"
+
+
 @dataclass(frozen=True, kw_only=True)
 class SlurmConfig:
-    """sbatch resources for one job (or each task of an array)."""
+    """sbatch resources for one job (or each task of an array).
 
-    partition: str | None = None
-    nodes: int = 1
-    tasks_per_node: int = 1
-    gpus_per_node: int = 0
-    cpus_per_task: int = 1
-    mem_gb: float | None = None
-    time_min: int = 60
-    account: str | None = None
-    qos: str | None = None
-    constraint: str | None = None
-    exclusive: bool = False
-    slurm_opts: tuple[tuple[str, str], ...] = field(default_factory=tuple)
-    setup: tuple[str, ...] = field(default_factory=tuple)
+    Each field names the submitit parameter it sets (`submitit_parameters`), so adding a SLURM option
+    is one field here and its option in cli.py's SLURM option table: the TOML [slurm] table, the
+    executor decision and the sbatch script follow from the field list."""
+
+    partition: str | None = field(default=None, metadata=_sbatch("partition"))
+    nodes: int = field(default=1, metadata=_sbatch("nodes"))
+    tasks_per_node: int = field(default=1, metadata=_sbatch("ntasks_per_node"))
+    gpus_per_node: int = field(default=0, metadata=_sbatch("gpus_per_node", lambda n: n or None))
+    cpus_per_task: int = field(default=1, metadata=_sbatch("cpus_per_task"))
+    mem_gb: float | None = field(default=None, metadata=_sbatch("mem", _mem))
+    time_min: int = field(default=60, metadata=_sbatch("time"))
+    account: str | None = field(default=None, metadata=_sbatch("account"))
+    qos: str | None = field(default=None, metadata=_sbatch("qos"))
+    constraint: str | None = field(default=None, metadata=_sbatch("constraint"))
+    exclusive: bool = field(default=False, metadata=_sbatch("exclusive", lambda x: True if x else None))
+    slurm_opts: tuple[tuple[str, str], ...] = field(
+        default_factory=tuple, metadata=_sbatch("additional_parameters", lambda o: dict(o) or None)
+    )
+    setup: tuple[str, ...] = field(
+        default_factory=tuple, metadata=_sbatch("setup", lambda s: list(s) or None)
+    )
+
+    def submitit_parameters(self) -> dict[str, Any]:
+        """The SlurmExecutor parameters these fields set (the ones left at "nothing" left out)."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            convert = f.metadata.get("convert")
+            value = convert(value) if convert else value
+            if value is not None:
+                out[f.metadata["submitit"]] = value
+        return out
 
     def __post_init__(self) -> None:
         _check_number("nodes", self.nodes, int, minimum=1)
@@ -212,9 +247,23 @@ class SlurmConfig:
         _check_number("time_min", self.time_min, int, minimum=1)
         if self.mem_gb is not None:
             _check_number("mem_gb", self.mem_gb, float, minimum=0.0, strict=True)
-        for key, _ in self.slurm_opts:
-            if not re.match(r"^[a-z][a-z0-9_-]*$", key):
+        for name in ("partition", "account", "qos", "constraint"):
+            value = getattr(self, name)
+            if value is not None:
+                _check_sbatch_word(option_name(name), value)
+        if not isinstance(self.exclusive, bool):
+            raise ConfigError(f"--exclusive must be true or false (got {self.exclusive!r})")
+        for pair in self.slurm_opts:
+            if not (isinstance(pair, tuple) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
+                raise ConfigError(f"--slurm-opt must be KEY=VALUE (got {pair!r})")
+            key, value = pair
+            check_no_control("--slurm-opt", f"{key}={value}")
+            if not _SLURM_KEY_RE.fullmatch(key):
                 raise ConfigError(f"--slurm-opt key must look like 'mail-type' (got {key!r})")
+        for line in self.setup:
+            if not isinstance(line, str):
+                raise ConfigError(f"--setup must be a line of shell (got {line!r})")
+            check_no_control("--setup", line)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -224,8 +273,36 @@ class SlurmConfig:
 
 
 def parse_slurm_opt(text: str) -> tuple[str, str]:
+    if not isinstance(text, str):  # a TOML [slurm] table can hold anything
+        raise ConfigError(f"--slurm-opt must be KEY=VALUE (got {text!r})")
+    check_no_control("--slurm-opt", text)
     key, sep, value = text.partition("=")
     key = key.strip().lstrip("-").replace("-", "_")
     if not sep or not key:
         raise ConfigError(f"--slurm-opt must be KEY=VALUE (got {text!r})")
     return key.replace("_", "-"), value.strip()
+
+
+# ---- text that reaches the sbatch script -------------------------------------------------------
+
+_SLURM_KEY_RE = re.compile(r"[a-z][a-z0-9_-]*")
+
+
+def check_no_control(option: str, value: str) -> None:
+    """Refuse any control character (Unicode category C: newline, CR, tab, NUL, ESC, ...).
+
+    Every such value is written into the sbatch script: submitit shell-quotes `#SBATCH` values, but a
+    newline inside the quotes still starts a line of its own (a second `#SBATCH` option), and `--setup`
+    lines are written as they are."""
+    for c in value:
+        if unicodedata.category(c)[0] == "C":
+            raise ConfigError(f"{option} {value!r} contains a control character ({repr(c)[1:-1]})")
+
+
+def _check_sbatch_word(option: str, value: Any) -> None:
+    """A partition, account, QOS or constraint: non-empty text without control characters."""
+    if not isinstance(value, str):
+        raise ConfigError(f"{option} must be text (got {value!r})")
+    if not value:
+        raise ConfigError(f"{option} must not be empty (got {value!r})")
+    check_no_control(option, value)

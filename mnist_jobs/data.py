@@ -9,15 +9,18 @@ batches are index gathers from a per-epoch permutation.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import os
 import shutil
-import tempfile
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from .results import default_file_mode, open_temp_beside
 
 # SHA-256 of the shipped .gz files and of their uncompressed contents.
 GZ_SHA256 = {
@@ -77,15 +80,33 @@ def verify_gz(raw_dir: Path) -> None:
 
 
 def _extract(gz_path: Path, out_path: Path) -> None:
-    """gunzip to a temp file in the target folder, then rename: concurrent jobs never see half a file."""
-    fd, tmp = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.name}.", suffix=".tmp")
+    """gunzip to a temp file in the target folder, then rename: concurrent jobs never see half a file.
+    The copy gets the mode any new file gets (0666 less the umask), so others sharing the folder can
+    read it."""
+    fd, tmp = open_temp_beside(out_path)
     try:
         with os.fdopen(fd, "wb") as out, gzip.open(gz_path, "rb") as src:
             shutil.copyfileobj(src, out, 1 << 20)
         os.replace(tmp, out_path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+
+
+def _usable_copy(out: Path) -> bool:
+    """Whether an earlier gunzipped copy can be used as it is: complete and readable by us. A copy of
+    ours that an older mnist-jobs left private (0600, from tempfile.mkstemp) is opened up to the mode
+    a new file gets, so the people sharing the folder can read it too."""
+    try:
+        st = out.stat()
+    except OSError:
+        return False
+    if st.st_size != RAW_SIZES[out.name] or not os.access(out, os.R_OK):
+        return False  # incomplete, or someone else's unreadable copy: extract it again (atomically)
+    if stat.S_IMODE(st.st_mode) == 0o600 and st.st_uid == getattr(os, "getuid", lambda: -1)():
+        with contextlib.suppress(OSError):
+            os.chmod(out, default_file_mode())
+    return True
 
 
 def _writable_dir(path: Path) -> bool:
@@ -108,7 +129,7 @@ def prepare(data_dir: Path | str | None = None, *, download: bool = True) -> Pat
         out_dir.mkdir(parents=True, exist_ok=True)
         for gz_name in GZ_SHA256:
             out = out_dir / gz_name[: -len(".gz")]
-            if not out.exists() or out.stat().st_size != RAW_SIZES[out.name]:
+            if not _usable_copy(out):
                 _extract(raw_dir / gz_name, out)
         return root
     if gz_present:

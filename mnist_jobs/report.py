@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
-import os
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -26,13 +24,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .config import ConfigError, parse_option
-from .results import SCHEMA_VERSION, ResultError, load_result
+from .results import ResultError, load_result, strict_json
 
 if TYPE_CHECKING:
     from rich.table import Table
 
-SWEEP_KIND = "mnist-jobs/sweep"
-MANIFEST_NAME = "sweep.json"
 
 # Keys, by role. Every flat run dict has all of these.
 HYPERPARAMS = (
@@ -159,31 +155,28 @@ def parse_filter(text: str) -> Filter:
 # ---- loading -------------------------------------------------------------------------------------
 
 
-def _scan(root: Path) -> tuple[list[str], list[str]]:
-    """(result files, sweep manifests) under root, in one walk. Same rule as results.iter_result_paths:
-    every *.json except dotfiles (temp files) and sweep.json."""
-    if root.is_file():
-        if root.name != MANIFEST_NAME:
-            return [str(root)], []
-        root = root.parent
-    found: list[str] = []
-    manifests: list[str] = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
-        for name in filenames:
-            if name.endswith(".json") and not name.startswith("."):
-                (manifests if name == MANIFEST_NAME else found).append(os.path.join(dirpath, name))
-    found.sort()
-    return found, manifests
-
-
 def _scalar(v: Any) -> Any:
     """Config values as hashable scalars, whatever a foreign file holds."""
     return v if v is None or isinstance(v, (str, int, float, bool)) else str(v)
 
 
 def _num(v: Any) -> float | None:
-    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+    """A number, or None: never NaN or infinity (a NaN in a file written before strict JSON reads as
+    a float; the table shows it as missing, like null)."""
+    if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+        return float(v)
+    return None
+
+
+def _error_text(error: Any) -> tuple[str | None, str | None]:
+    """(type, "Type: message") of a record's error; (None, its text) for a foreign error value."""
+    if not isinstance(error, dict):
+        return None, (str(error) if error else None)
+    kind = error.get("type") if isinstance(error.get("type"), str) and error.get("type") else None
+    message = str(error.get("message") or "") or None
+    if kind and not (message or "").startswith(kind):
+        message = f"{kind}: {message}" if message else kind
+    return kind, message
 
 
 def _section(data: dict[str, Any], name: str) -> dict[str, Any]:
@@ -200,30 +193,25 @@ def flatten(data: dict[str, Any], path: str | Path = "") -> dict[str, Any]:
     run["world_size"] = _scalar(dist.get("world_size", 1))
     for k in METRICS:
         run[k] = _num((metrics if _METRIC_SOURCE[k] == "metrics" else timings).get(k))
-    error = data.get("error")
+    error_type, error = _error_text(data.get("error"))
     run.update(
         run_id=str(data.get("run_id")),
         status=str(data.get("status")),
-        error=(error.get("message") if isinstance(error, dict) else error) or None,
+        error=error,  # "Diverged: train loss became nan at iteration 500 (lr 1000); lower --lr"
+        error_type=error_type,
         path=str(path),
         history=metrics.get("history") if isinstance(metrics.get("history"), list) else [],
     )
     return run
 
 
-def _load_manifest(path: str) -> dict[str, Any]:
+def _load_manifest(path: Path) -> dict[str, Any]:
+    from .sweepdir import ManifestError, read_manifest
+
     try:
-        data = json.loads(Path(path).read_bytes())
-    except (OSError, ValueError) as e:
-        raise ResultError(f"{path}: unreadable sweep manifest ({e})") from None
-    if not isinstance(data, dict) or data.get("kind") != SWEEP_KIND:
-        raise ResultError(f"{path}: not an mnist-jobs sweep manifest")
-    version = data.get("schema_version")
-    if not isinstance(version, int) or version > SCHEMA_VERSION:
-        raise ResultError(f"{path}: schema_version {version!r} is newer than this mnist-jobs reads")
-    if not isinstance(data.get("runs"), dict):
-        raise ResultError(f"{path}: manifest has no runs")
-    return data
+        return read_manifest(path.parent) or {}
+    except ManifestError as e:
+        raise ResultError(str(e)) from None
 
 
 def load_runs(root: Path | str) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
@@ -233,7 +221,11 @@ def load_runs(root: Path | str) -> tuple[list[dict[str, Any]], list[tuple[str, s
     root = Path(root)
     if not root.exists():
         raise ReportError(f"{root} does not exist")
-    paths, manifests = _scan(root)
+    from .results import result_path
+    from .sweepdir import scan
+
+    found, manifest_paths = scan(root)
+    paths, manifests = [str(p) for p in found], manifest_paths
     runs: list[dict[str, Any]] = []
     skipped: list[tuple[str, str]] = []
     for p in paths:
@@ -246,15 +238,14 @@ def load_runs(root: Path | str) -> tuple[list[dict[str, Any]], list[tuple[str, s
             continue
         runs.append(flatten(data, p))
     seen = set(paths)
-    for m in sorted(manifests):
+    for m in manifests:
         try:
             manifest = _load_manifest(m)
         except ResultError as e:
-            skipped.append((m, str(e)))
+            skipped.append((str(m), str(e)))
             continue
-        folder = os.path.dirname(m)
         for run_id, entry in manifest["runs"].items():
-            if os.path.join(folder, f"{run_id}.json") in seen:
+            if str(result_path(m.parent, run_id)) in seen:
                 continue  # finished (or an unreadable file, already counted as skipped)
             entry = entry if isinstance(entry, dict) else {}
             run = flatten({"config": entry.get("config"), "run_id": run_id, "status": "pending"})
@@ -367,6 +358,7 @@ class Report:
     other_rows: list[dict[str, Any]] = field(default_factory=list)  # failed/running/pending (--all)
     include_all: bool = False
     total_rows: int = 0  # completed rows before --top
+    diverged: int = 0  # failed runs (of counts["failed"]) whose error is Diverged
 
     @property
     def best(self) -> int | None:
@@ -416,6 +408,7 @@ def make_report(
     counts = {s: 0 for s in STATUSES}
     for r in selected:
         counts[r["status"]] = counts.get(r["status"], 0) + 1
+    diverged = sum(r["status"] == "failed" and r.get("error_type") == "Diverged" for r in selected)
     done = [r for r in selected if r["status"] == "completed"]
     others = [r for r in selected if r["status"] != "completed"]
     shown = done + others if include_all else done
@@ -450,6 +443,7 @@ def make_report(
         other_rows=other_rows,
         include_all=include_all,
         total_rows=total,
+        diverged=diverged,
     )
 
 
@@ -534,6 +528,9 @@ def caption_lines(rep: Report) -> list[str]:
 
 def footer(rep: Report) -> str:
     parts = [f"{n} {status}" for status, n in rep.counts.items() if n or status == "completed"]
+    if rep.diverged:
+        i = next(i for i, p in enumerate(parts) if p.endswith(" failed"))
+        parts[i] += f" ({rep.diverged} diverged)"
     if rep.counts.get("pending"):
         i = next(i for i, p in enumerate(parts) if p.endswith(" pending"))
         parts[i] += " (no result file yet)"
@@ -603,10 +600,11 @@ def to_json(rep: Report) -> str:
         "constants": rep.constants,
         "grouped_over": rep.grouped_over,
         "counts": rep.counts,
+        "diverged": rep.diverged,
         "skipped": [{"path": p, "reason": r} for p, r in rep.skipped],
         "rows": machine_rows(rep),
     }
-    return json.dumps(doc, indent=2) + "\n"
+    return strict_json(doc, indent=2) + "\n"  # (a foreign file's NaN config value: null)
 
 
 def to_markdown(rep: Report) -> str:

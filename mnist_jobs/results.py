@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
+import secrets
 import socket
 import subprocess
 import sys
@@ -23,12 +25,48 @@ def utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+def open_temp_beside(path: Path) -> tuple[int, Path]:
+    """A new temp file `.<name>.<random>.tmp` in path's folder, opened for writing: (fd, its path).
+
+    Created with mode 0666 and the process umask applied by the kernel, as open() creates any normal
+    file (tempfile.mkstemp would make it 0600: unreadable to the group sharing a project folder)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
+    for _ in range(100):
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"cannot create a temp file beside {path}")
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it (Linux: /proc/self/status), else by setting and
+    restoring it (racy only against threads creating files at that very moment)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
+def default_file_mode() -> int:
+    """The mode open() gives a new file: 0666 less the umask."""
+    return 0o666 & ~current_umask()
+
+
 def atomic_write_bytes(path: Path | str, data: bytes) -> None:
     """Write via a temp file in the same folder, fsync, rename: readers see the old file or the new
-    one, never a partial one, even if this process is killed mid-write."""
+    one, never a partial one, even if this process is killed mid-write. The file gets the mode any
+    new file gets (0666 less the umask)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = open_temp_beside(path)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -36,7 +74,7 @@ def atomic_write_bytes(path: Path | str, data: bytes) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     try:  # make the rename itself durable
         dir_fd = os.open(path.parent, os.O_RDONLY)
@@ -48,8 +86,31 @@ def atomic_write_bytes(path: Path | str, data: bytes) -> None:
         pass
 
 
+def finite_or_none(obj: Any) -> Any:
+    """obj with every NaN / Infinity float (at any depth) replaced by None: what strict JSON can say."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_or_none(v) for v in obj]
+    return obj
+
+
+def strict_json(obj: Any, **kwargs: Any) -> str:
+    """json.dumps that only ever writes strict JSON (RFC 8259, what jq and JavaScript parse):
+    non-finite floats become null instead of the NaN / Infinity tokens."""
+    try:
+        return json.dumps(obj, allow_nan=False, **kwargs)
+    except ValueError as e:  # a NaN or Infinity somewhere: the rare case pays for the walk
+        if "out of range float" not in str(e).lower():
+            raise  # (a circular reference)
+        return json.dumps(finite_or_none(obj), allow_nan=False, **kwargs)
+
+
 def atomic_write_json(path: Path | str, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+    """Strict JSON (non-finite floats written as null), atomically: see atomic_write_bytes."""
+    atomic_write_bytes(path, (strict_json(obj, indent=2, sort_keys=False) + "\n").encode())
 
 
 def check_writable_dir(path: Path | str) -> Path:
@@ -175,12 +236,16 @@ def load_result(path: Path | str) -> LoadedResult:
     return LoadedResult(path, parse_result(raw, path))
 
 
+def result_path(folder: Path | str, run_id: str) -> Path:
+    """A run's result file: `<folder>/<run_id>.json` (its weights beside it, `.pt`)."""
+    return Path(folder) / f"{run_id}.json"
+
+
 def iter_result_paths(root: Path | str) -> list[Path]:
-    """Every *.json under root (or root itself), sorted; temp files and manifests excluded."""
-    root = Path(root)
-    if root.is_file():
-        return [root]
-    return sorted(p for p in root.rglob("*.json") if not p.name.startswith(".") and p.name != "sweep.json")
+    """Every result file under root (or root itself), sorted: `sweepdir.scan`'s rule."""
+    from .sweepdir import scan
+
+    return scan(root)[0]
 
 
 def load_results(root: Path | str) -> tuple[list[LoadedResult], list[tuple[Path, str]]]:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import shutil
 import threading
 import time
@@ -45,6 +46,7 @@ from .results import (
     atomic_write_bytes,
     atomic_write_json,
     environment,
+    result_path,
     slurm_environment,
     utc_now,
 )
@@ -73,6 +75,16 @@ class Interrupted(Exception):
         return self.records[0] if self.records else None
 
 
+class Diverged(RuntimeError):
+    """Every run of the call diverged (a train or test loss became NaN or infinite); their failed
+    records are written. `records` are those records. (In a pack where only some runs diverge,
+    nothing is raised: the diverged runs' records are failed, the others completed.)"""
+
+    def __init__(self, message: str, records: list[dict[str, Any]] | None = None) -> None:
+        super().__init__(message)
+        self.records = records or []
+
+
 class StopFlag(threading.Event):
     """Set from a signal handler: the loop checkpoints at the next iteration boundary and stops."""
 
@@ -97,10 +109,6 @@ ProgressFn = Callable[[Progress], None]
 def default_run_id(config: TrainConfig) -> str:
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S-%f")[:-3]
     return f"{config.model}-{config.config_id()}-{stamp}"
-
-
-def result_path(results_dir: Path | str, run_id: str) -> Path:
-    return Path(results_dir) / f"{run_id}.json"
 
 
 @torch.no_grad()
@@ -190,6 +198,11 @@ def train_pack(
     record, or given per run as a list. A pack's records add `packed_with` (the other run ids).
     `exact` (packs only): True computes every model with its lone run's own kernel calls, bit-identical
     on CPU; False batches GEMMs / convolutions over the pack; default: see `packed`.
+
+    Divergence: a run whose train or test loss is not finite at an evaluation has diverged. Its
+    record is "failed" with error type "Diverged" and `metrics.diverged_at_iteration`; the others of a
+    pack train on. Training stops at the first evaluation where every run has diverged, and when every
+    run diverged, `Diverged` is raised after the records are written (as any failure raises).
     """
     configs, run_ids = list(configs), list(run_ids)
     if not configs or len(configs) != len(run_ids):
@@ -218,7 +231,7 @@ def train_pack(
     try:
         _run(configs, records, histories, data_dir, progress, t_start, dist, paths, ckpt_file, stop, exact)
         for rec in records:
-            rec["status"] = "completed"
+            rec["status"] = "failed" if rec["error"] else "completed"  # error: set for diverged runs
     except Interrupted as e:
         for rec, history in zip(records, histories):
             rec["status"] = "interrupted"  # not written: the checkpoint carries the run
@@ -246,6 +259,8 @@ def train_pack(
             rec["result_path"] = str(path)
     if dist.is_main:  # the results are complete and on disk: the checkpoint has done its job
         ckpt_file.unlink(missing_ok=True)
+    if all(rec["status"] == "failed" and rec["error"]["type"] == "Diverged" for rec in records):
+        raise Diverged(records[0]["error"]["message"], records)  # every run diverged: the job fails
     return records
 
 
@@ -425,13 +440,19 @@ def _run(
                 train_losses = (loop.loss_sum / (loop.loss_count * dist.world_size)).tolist()
                 accs, test_losses = evaluate(pop, ds.test_x, ds.test_y, dist)
                 for m in range(n):
+                    # -- divergence: a non-finite loss (recorded as null) fails this model's record
+                    losses = {"train": train_losses[m], "test": test_losses[m]}
+                    bad = [(k, v) for k, v in losses.items() if not math.isfinite(v)]
+                    if bad and diverged_at(histories[m]) is None:
+                        what = f"{bad[0][0]} loss became {'NaN' if math.isnan(bad[0][1]) else 'infinite'}"
+                        records[m]["error"] = diverged_error(configs[m], it, what)
                     histories[m].append(
                         {
                             "iteration": it,
                             "epoch": round(it / cfg.iters_per_epoch, 4),
-                            "train_loss": round(train_losses[m], 6),
-                            "test_loss": round(test_losses[m], 6),
-                            "test_accuracy": round(accs[m], 4),
+                            "train_loss": _rounded(train_losses[m], 6),
+                            "test_loss": _rounded(test_losses[m], 6),
+                            "test_accuracy": _rounded(accs[m], 4),
                         }
                     )
                 loop.loss_sum.zero_()
@@ -440,6 +461,8 @@ def _run(
                     _report(progress, it, cfg.iters, train_losses, test_losses, accs)
                 t_loop = time.perf_counter()
                 loop.eval_s += t_loop - t_eval
+                if all(diverged_at(h) is not None for h in histories):
+                    break  # every model diverged: nothing left worth training (same on every rank)
             elif progress is not None and it % 25 == 0 and dist.is_main and not dist.distributed:
                 progress(Progress(it, cfg.iters, (loop.loss_sum / loop.loss_count).mean().item()))
 
@@ -461,10 +484,11 @@ def _run(
         loop.train_s += time.perf_counter() - t_loop
         if dist.is_main:
             for m, path in enumerate(paths):
-                save_weights(pop.weights(m), path.with_suffix(".pt"))
+                if diverged_at(histories[m]) is None:  # (a diverged model's weights are NaN: not kept)
+                    save_weights(pop.weights(m), path.with_suffix(".pt"))
 
     it, train_s = loop.iteration, loop.train_s
-    for rec, history, path in zip(records, histories, paths):
+    for rec, history, path, c in zip(records, histories, paths, configs):
         final = history[-1]
         rec["model_path"] = str(path.with_suffix(".pt"))
         rec["metrics"] = {
@@ -475,6 +499,14 @@ def _run(
             "epochs": round(it / cfg.iters_per_epoch, 4),
             "history": history,
         }
+        at = diverged_at(history)
+        if at is not None:  # no final metrics and no weights; the history says how it went
+            if rec["error"] is None:  # it diverged before the checkpoint this attempt resumed from
+                rec["error"] = diverged_error(c, at, "a loss became NaN or infinite")
+            rec["model_path"] = None
+            rec["metrics"].update(
+                test_accuracy=None, test_loss=None, final_train_loss=None, diverged_at_iteration=at
+            )
         rec["timings"] = {
             "data_load_s": round(data_load_s, 4),
             "train_s": round(train_s, 4),
@@ -484,6 +516,29 @@ def _run(
         }
         if loop.earlier_s:
             rec["timings"]["earlier_attempts_s"] = round(loop.earlier_s, 4)  # total_s includes them
+
+
+def _rounded(v: float, digits: int) -> float | None:
+    """A history value: rounded, or None (null in the JSON) when not finite."""
+    return round(v, digits) if math.isfinite(v) else None
+
+
+def diverged_at(history: list[dict[str, Any]]) -> int | None:
+    """The iteration of the first evaluation with a non-finite (null) train or test loss, if any."""
+    for h in history:
+        if h.get("train_loss") is None or h.get("test_loss") is None:
+            return h["iteration"]
+    return None
+
+
+def diverged_error(config: TrainConfig, iteration: int, what: str) -> dict[str, Any]:
+    """The error of a diverged run's record."""
+    hint = f"lr {config.lr:g}" + (f", weight decay {config.weight_decay:g}" if config.weight_decay else "")
+    return {
+        "type": "Diverged",
+        "message": f"{what} at iteration {iteration} ({hint}); lower --lr",
+        "traceback": None,
+    }
 
 
 def _report(progress, it, total, train_losses, test_losses, accs) -> None:

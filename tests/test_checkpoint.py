@@ -5,6 +5,9 @@ never loaded; a killed writer never leaves half a checkpoint; concurrent sweeps 
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import json
 import multiprocessing as mp
 import os
@@ -13,6 +16,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -20,9 +24,11 @@ import pytest
 import torch
 
 from mnist_jobs import checkpoint as ckpt
+from mnist_jobs import sweepdir
 from mnist_jobs.config import TrainConfig
 from mnist_jobs.device import DistInfo, free_port
-from mnist_jobs.launch import claim_run, read_manifest, run_is_claimed, sweep_run_id
+from mnist_jobs.grid import sweep_run_id
+from mnist_jobs.sweepdir import claim_run, read_manifest, run_is_claimed
 from mnist_jobs.train import Interrupted, StopFlag, train
 
 REPO = Path(__file__).resolve().parent.parent
@@ -144,7 +150,7 @@ def test_claims_are_exclusive_and_released(tmp_path):
             [
                 sys.executable,
                 "-c",
-                f"from mnist_jobs.launch import run_is_claimed; from pathlib import Path; "
+                f"from mnist_jobs.sweepdir import run_is_claimed; from pathlib import Path; "
                 f"print(run_is_claimed(Path({str(tmp_path)!r}), 'r'))",
             ],
             capture_output=True,
@@ -155,6 +161,189 @@ def test_claims_are_exclusive_and_released(tmp_path):
         with claim_run(tmp_path, "r") as again:  # a second open file description: refused
             assert not again
     assert not run_is_claimed(tmp_path, "r")
+
+
+def test_a_claim_excludes_other_processes_and_dies_with_its_holder(tmp_path):
+    """Another process's claim refuses ours (and the probe sees it); kill -9 of the holder frees it."""
+    code = (
+        "import sys, time; from pathlib import Path; from mnist_jobs.sweepdir import claim_run\n"
+        f"with claim_run(Path({str(tmp_path)!r}), 'r') as held:\n"
+        "    print(held, flush=True); time.sleep(60)\n"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        assert holder.stdout.readline().strip() == "True"
+        assert run_is_claimed(tmp_path, "r")
+        with claim_run(tmp_path, "r") as mine:
+            assert not mine
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not run_is_claimed(tmp_path, "r")
+    with claim_run(tmp_path, "r") as mine:
+        assert mine
+
+
+@pytest.mark.skipif(not sweepdir._ofd, reason="claims are flocks here (no F_OFD_* locks)")
+def test_struct_flock_layout_matches_the_kernel(tmp_path):
+    """FLOCK packs struct flock as the kernel reads it: 32 bytes, and F_OFD_GETLK reports another
+    process's byte-range lock with the right type, start, length and pid."""
+    import ctypes
+
+    class Flock(ctypes.Structure):  # the C declaration, laid out by the C compiler's rules
+        _fields_ = [
+            ("l_type", ctypes.c_short),
+            ("l_whence", ctypes.c_short),
+            ("l_start", ctypes.c_int64),
+            ("l_len", ctypes.c_int64),
+            ("l_pid", ctypes.c_int32),
+        ]
+
+    assert sweepdir.FLOCK.size == ctypes.sizeof(Flock) == 32
+    assert [getattr(Flock, f).offset for f, _ in Flock._fields_] == [0, 2, 8, 16, 24]
+    path = tmp_path / "f"
+    path.write_bytes(b"x" * 16)
+    code = (
+        "import fcntl, sys, time\n"
+        f"f = open({str(path)!r}, 'r+'); fcntl.lockf(f, fcntl.LOCK_EX, 5, 3)\n"
+        "print('locked', flush=True); time.sleep(60)\n"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with open(path, "rb") as f:
+            query = sweepdir.FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)
+            got = sweepdir.FLOCK.unpack(fcntl.fcntl(f, fcntl.F_OFD_GETLK, query))
+        assert got == (fcntl.F_WRLCK, os.SEEK_SET, 3, 5, holder.pid)
+    finally:
+        holder.kill()
+        holder.wait()
+    with open(path, "rb") as f:  # and nothing once it is gone
+        got = sweepdir.FLOCK.unpack(fcntl.fcntl(f, fcntl.F_OFD_GETLK, query))
+    assert got[0] == fcntl.F_UNLCK
+
+
+PROBER = """
+import sys
+from pathlib import Path
+from mnist_jobs.sweepdir import run_is_claimed
+folder, stop = Path(sys.argv[1]), Path(sys.argv[2])
+probes = seen = 0
+print("probing", flush=True)
+while not stop.exists():
+    for _ in range(100):
+        seen += run_is_claimed(folder, "r")
+    probes += 100
+print(probes, seen)
+"""
+
+
+def test_probing_a_claim_never_refuses_it(tmp_path):
+    """The defect: `status` (run_is_claimed) took the very lock a worker needs, so claims made while
+    something polled were refused (about 5 % in a stress loop) and those runs ended with no result.
+    One thread claims and releases 3000 times while another thread and another process probe in a
+    loop: every claim is granted. (Before: hundreds refused.)"""
+    with claim_run(tmp_path, "r"):  # (the lock file exists from the start)
+        pass
+    stop_file = tmp_path / "stop"
+    prober = subprocess.Popen(
+        [sys.executable, "-c", PROBER, str(tmp_path), str(stop_file)], stdout=subprocess.PIPE, text=True
+    )
+    stop = threading.Event()
+    probes = [0, 0]  # this process's probes, and those that saw the claim held
+
+    def probe() -> None:
+        while not stop.is_set():
+            probes[1] += run_is_claimed(tmp_path, "r")
+            probes[0] += 1
+
+    thread = threading.Thread(target=probe)
+    refused = 0
+    try:
+        assert prober.stdout.readline().strip() == "probing"
+        thread.start()
+        for i in range(3000):
+            with claim_run(tmp_path, "r") as mine:
+                refused += not mine
+                if i % 10 == 0:
+                    time.sleep(0.0001)  # (held a moment: the probes see it)
+            time.sleep(0.00005)  # not held a moment: the probes poll a free run, as `status` does
+    finally:
+        stop.set()
+        stop_file.touch()
+        thread.join()
+        other, other_seen = map(int, prober.communicate(timeout=60)[0].split())
+    assert refused == 0, f"{refused} of 3000 claims refused ({probes[0]} + {other} probes)"
+    assert probes[0] > 100 and other > 1000 and probes[1] + other_seen > 0, (probes, other, other_seen)
+
+
+@pytest.mark.parametrize(
+    "fstype, options, local",
+    [
+        ("nfs4", "rw,relatime,vers=4.2,rsize=1048576,hard,proto=tcp,sec=sys,local_lock=none", False),
+        ("nfs", "rw,vers=3,nolock,proto=tcp", True),
+        ("nfs", "rw,vers=3,local_lock=all", True),
+        ("nfs4", "rw,vers=4.1,local_lock=posix", True),
+        ("nfs4", "rw,vers=4.1,local_lock=flock", False),  # flock local, POSIX/OFD claims still global
+        ("lustre", "rw,flock,lazystatfs", False),
+        ("lustre", "rw,localflock,lazystatfs", True),
+        ("lustre", "rw,lazystatfs", True),
+        ("cifs", "rw,vers=3.0,nobrl", True),
+        ("ext4", "rw,relatime,nolock", False),  # (only network filesystems)
+    ],
+)
+def test_node_local_lock_mount_options(fstype, options, local):
+    assert (sweepdir.node_local_locks(fstype, options) is not None) == local
+
+
+def test_mount_of_finds_the_deepest_mount_holding_a_folder():
+    mountinfo = textwrap.dedent(
+        """\
+        22 1 0:21 / / rw,relatime - ext4 /dev/vda rw
+        40 22 0:50 / /shared rw,relatime shared:5 - nfs4 srv:/export rw,vers=4.2,local_lock=none
+        41 40 0:51 / /shared/my\\040lab rw - nfs srv:/lab rw,vers=3,nolock,addr=10.0.0.1
+        """
+    )
+    assert sweepdir.mount_of("/shared/my lab/sweeps/a", mountinfo) == (
+        "/shared/my lab",
+        "nfs",
+        "rw,rw,vers=3,nolock,addr=10.0.0.1",
+    )
+    assert sweepdir.mount_of("/shared/mylab", mountinfo)[:2] == ("/shared", "nfs4")
+    assert sweepdir.mount_of("/home/x", mountinfo)[:2] == ("/", "ext4")
+
+
+def test_claims_warn_once_and_go_on_where_locks_fail_or_are_node_local(tmp_path, monkeypatch, capsys):
+    """A lock call that fails (ENOLCK, ...) does not crash the job: one warning line, and the run
+    trains unclaimed. A mount whose locks only this node sees: one warning line too."""
+
+    def no_locks(*args, **kwargs):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(sweepdir, "_warned", set())
+    monkeypatch.setattr(sweepdir, "_checked", set())
+    with monkeypatch.context() as m:
+        m.setattr(sweepdir.fcntl, "fcntl", no_locks)
+        m.setattr(sweepdir.fcntl, "flock", no_locks)
+        for run_id in ("a", "b"):
+            with claim_run(tmp_path, run_id) as mine:
+                assert mine
+        assert not run_is_claimed(tmp_path, "a")
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith("Warning: claims unavailable on ") and "ENOLCK" in line
+    assert line.endswith("two sweeps sharing this folder may train a run twice")
+
+    monkeypatch.setattr(sweepdir, "_warned", set())
+    nfs = ("/shared", "nfs", "rw,vers=3,local_lock=all")
+    monkeypatch.setattr(sweepdir, "mount_of", lambda path, text: nfs)
+    for run_id in ("a", "b"):
+        with claim_run(tmp_path, run_id) as mine:
+            assert mine and run_is_claimed(tmp_path, run_id)  # (a real lock, seen on this node)
+    [line] = capsys.readouterr().err.splitlines()
+    assert line == (
+        "Warning: claims unavailable on nfs /shared (mounted local_lock=all: locks are local to this "
+        "node): two sweeps sharing this folder may train a run twice"
+    )
 
 
 def test_two_concurrent_sweeps_into_one_folder_train_each_run_once(tmp_path):
@@ -202,6 +391,151 @@ def test_two_concurrent_sweeps_into_one_folder_train_each_run_once(tmp_path):
         assert trained == 1, (rid, outs)  # trained by exactly one of the two processes
     manifest = read_manifest(folder)
     assert set(manifest["runs"]) == ids and len(manifest["submissions"]) == 2
+    assert not list(folder.glob("*.ckpt.pt")) and not list(folder.glob(".*.tmp"))
+
+
+def test_ddp_ranks_share_one_claim(tmp_path):
+    """A 2-rank DDP job: rank 0 claims and the other rank trains what it admitted. With the run
+    claimed elsewhere (here, by this test process) both ranks skip it and exit cleanly, nothing
+    written; unclaimed, the job trains it. No decision file is left behind either way."""
+    from typer.testing import CliRunner
+
+    from mnist_jobs.cli import app
+
+    args = ["train", "--tasks-per-node", "2", "--device", "cpu", "--iters", "50", "--eval-every", "25"]
+    args += ["--results-dir", str(tmp_path)]
+    run_id = sweep_run_id(TrainConfig(iters=50, eval_every=25, device="cpu"))
+    folder = tmp_path / f"train-{run_id}"
+    runner = CliRunner()
+    with claim_run(folder, run_id) as mine:
+        assert mine
+        res = runner.invoke(app, args)
+        assert res.exit_code == 0, res.output
+        assert f"{run_id}: being trained by another process, not here" in res.output
+        assert "1 task(s) completed, 0 failed" in res.output
+        assert not (folder / f"{run_id}.json").exists()
+        said = sorted((folder / "logs").glob("*_result.pkl"))
+        assert len(said) == 2  # both ranks ran, and both say they left the run alone
+        for pkl in said:
+            import pickle
+
+            assert pickle.loads(pkl.read_bytes())[1] == [
+                {"run_id": run_id, "status": "running elsewhere", "test_accuracy": None}
+            ]
+    assert not list(folder.glob("*admit*"))
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert re.search(rf"{run_id}: completed  \d", res.output), res.output
+    rec = json.loads((folder / f"{run_id}.json").read_text())
+    assert rec["status"] == "completed" and rec["distributed"]["world_size"] == 2
+    assert not list(folder.glob("*admit*")) and not run_is_claimed(folder, run_id)
+
+
+def test_ddp_admission_is_what_rank_0_claimed(tmp_path, monkeypatch):
+    """Rank 0's decision, as the other ranks read it: they train exactly the runs it claimed, say what
+    it said of the others, and a rank that sees no decision in time fails with a sentence."""
+    from mnist_jobs.job import RUNNING_ELSEWHERE, TrainTask
+
+    cfg = TrainConfig(iters=20, eval_every=10, device="cpu").to_dict()
+    task = TrainTask(configs=[cfg, cfg, cfg], run_ids=["a", "b", "c"], results_dir=str(tmp_path))
+    monkeypatch.setattr(TrainTask, "_admission_path", lambda self: tmp_path / ".a.admit-7.0")
+    monkeypatch.setenv("MNIST_JOBS_DIST_TIMEOUT_S", "0.3")
+    rank = [DistInfo(rank=r, local_rank=r, world_size=3, local_world_size=3) for r in range(3)]
+    with pytest.raises(RuntimeError, match="rank 1: no decision from rank 0"):
+        task._admitted(rank[1])
+    with claim_run(tmp_path, "b"), contextlib.ExitStack() as stack:
+        todo, skipped = task._claim(stack)  # b is held by someone else
+        assert todo == [0, 2] and [s["status"] for s in skipped] == [RUNNING_ELSEWHERE]
+        task._admit(stack, rank[0], todo, skipped)
+        for r in (1, 2):
+            assert task._admitted(rank[r]) == (todo, skipped)
+        assert run_is_claimed(tmp_path, "a") and run_is_claimed(tmp_path, "c")
+    assert not list(tmp_path.glob(".a.admit-*"))  # removed once both ranks had read it
+    assert not run_is_claimed(tmp_path, "a") and not run_is_claimed(tmp_path, "c")
+
+
+POLLER = """
+import sys, time
+from pathlib import Path
+from mnist_jobs.sweepdir import ManifestError, run_is_claimed, run_states
+folder, ids, stop = Path(sys.argv[1]), sys.argv[2].split(","), Path(sys.argv[3])
+probes = seen = 0
+while not stop.exists():
+    try:
+        run_states(folder)  # what `status` does
+    except ManifestError:
+        pass  # (no manifest yet)
+    for run_id in ids:
+        seen += run_is_claimed(folder, run_id)
+    probes += len(ids)
+    time.sleep(0.002)
+print(probes, seen)
+"""
+
+
+def test_two_sweeps_polled_all_along_train_every_run_exactly_once(tmp_path):
+    """Acceptance: two `mnist-jobs sweep`s into one folder with overlapping grids (one of lone runs,
+    one of packs of 3, so a pack trains the part of it that it claims), both starting with the shared
+    runs, while one process probes every claim in a tight loop and `mnist-jobs status` runs over and
+    over. Before, ~5 % of the claims made under such polling were refused, and those runs ended with
+    no result. Now every run ends with exactly one completed result, trained by exactly one sweep."""
+    shared = ["0.01", "0.02", "0.03", "0.04"]
+    grids = [[*shared, "0.11"], [*shared, "0.21", "0.22", "0.23", "0.24", "0.25"]]
+    packs = [[], ["--pack", "3"]]
+    common = ["--iters", "20", "--eval-every", "10", "--device", "cpu", "--max-parallel", "1"]
+    common += ["--name", "polled", "--results-dir", str(tmp_path)]
+    folder = tmp_path / "polled"
+    lrs = sorted({float(v) for g in grids for v in g})
+    ids = {sweep_run_id(TrainConfig(lr=lr, iters=20, eval_every=10, device="cpu")) for lr in lrs}
+    env = {**os.environ, "COLUMNS": "200"}
+    stop = tmp_path / "stop"
+    poller = subprocess.Popen(
+        [sys.executable, "-c", POLLER, str(folder), ",".join(sorted(ids)), str(stop)],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+    )
+    sweeps = [
+        subprocess.Popen(
+            [sys.executable, "-m", "mnist_jobs", "sweep", "--lr", ",".join(g), *pack, *common],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+            cwd=REPO,
+        )
+        for g, pack in zip(grids, packs)
+    ]
+    status_calls = 0
+    try:
+        while any(p.poll() is None for p in sweeps):  # `status` all along, as a user would
+            cmd = [sys.executable, "-m", "mnist_jobs", "status", "polled", "--results-dir", str(tmp_path)]
+            subprocess.run(cmd, capture_output=True, cwd=REPO, env=env, timeout=60)
+            status_calls += 1
+            time.sleep(0.5)
+        outs = [p.communicate(timeout=300)[0] for p in sweeps]
+    finally:
+        stop.touch()
+        for p in sweeps:
+            if p.poll() is None:
+                p.kill()
+        probes, seen = map(int, poller.communicate(timeout=60)[0].split())
+    assert [p.returncode for p in sweeps] == [0, 0], outs
+    assert probes > 1000 and seen > 0 and status_calls > 3, (probes, seen, status_calls)
+    results = sorted(p.stem for p in folder.glob("*.json") if p.name != "sweep.json")
+    assert results == sorted(ids), outs  # one result per distinct run, nothing else
+    for rid in ids:
+        assert json.loads((folder / f"{rid}.json").read_text())["status"] == "completed"
+        trained = sum(len(re.findall(rf"{rid}: completed  \d", out)) for out in outs)
+        assert trained == 1, (rid, outs)  # trained by exactly one of the two processes
+    status = subprocess.run(
+        [sys.executable, "-m", "mnist_jobs", "status", "polled", "--results-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+    )
+    assert status.stdout.count("COMPLETED") >= len(ids), status.stdout
     assert not list(folder.glob("*.ckpt.pt")) and not list(folder.glob(".*.tmp"))
 
 

@@ -1,4 +1,5 @@
 import gzip
+import os
 
 import pytest
 import torch
@@ -61,3 +62,32 @@ def test_epoch_batches_cover_everything_once():
     batches = data.epoch_batches(1050, 100, g, torch.device("cpu"))
     assert [len(b) for b in batches] == [100] * 10 + [50]
     assert torch.equal(torch.cat(batches).sort().values, torch.arange(1050))
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002], ids=["umask022", "umask002"])
+def test_gunzipped_copies_are_readable_by_the_group(data_copy, umask):
+    """The copies get the mode any new file gets (0666 less the umask), not mkstemp's 0600: a
+    teammate's job sharing the folder must be able to read them."""
+    old = os.umask(umask)
+    try:
+        root = data.prepare(data_copy)
+    finally:
+        os.umask(old)
+    for name in data.RAW_SIZES:
+        assert oct((root / "MNIST" / "raw" / name).stat().st_mode & 0o777) == oct(0o666 & ~umask), name
+
+
+def test_private_copies_of_an_older_version_are_opened_up(data_copy):
+    root = data.prepare(data_copy)
+    raw = root / "MNIST" / "raw"
+    for name in data.RAW_SIZES:
+        (raw / name).chmod(0o600)  # what an older mnist-jobs left
+    mtimes = {name: (raw / name).stat().st_mtime_ns for name in data.RAW_SIZES}
+    old = os.umask(0o022)
+    try:
+        data.prepare(data_copy)
+    finally:
+        os.umask(old)
+    for name in data.RAW_SIZES:
+        assert (raw / name).stat().st_mode & 0o777 == 0o644, name
+        assert (raw / name).stat().st_mtime_ns == mtimes[name]  # fixed in place, not extracted again

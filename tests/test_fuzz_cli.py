@@ -109,7 +109,7 @@ def no_scontrol():
     """Dry runs read MaxArraySize with `scontrol show config`, which waits ~9 s per call when a
     slurm.conf exists but no controller runs (the test cluster between sessions): answer for it."""
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr("mnist_jobs.launch.max_array_size", lambda: 5)
+        mp.setattr("mnist_jobs.slurm.max_array_size", lambda: 5)
         yield
 
 

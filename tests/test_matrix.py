@@ -26,7 +26,8 @@ import torch
 
 from mnist_jobs.checkpoint import SUFFIX
 from mnist_jobs.config import TrainConfig
-from mnist_jobs.launch import read_manifest, sweep_run_id
+from mnist_jobs.grid import sweep_run_id
+from mnist_jobs.sweepdir import read_manifest, scan
 from mnist_jobs.train import train_pack
 
 REPO = Path(__file__).resolve().parent.parent
@@ -75,9 +76,7 @@ def run_sweep(case: str, results: Path) -> subprocess.CompletedProcess:
 
 
 def results_of(folder: Path) -> dict[str, dict]:
-    return {
-        p.stem: json.loads(p.read_text()) for p in sorted(folder.glob("*.json")) if p.name != "sweep.json"
-    }
+    return {p.stem: json.loads(p.read_text()) for p in scan(folder)[0]}
 
 
 @pytest.fixture(scope="module")

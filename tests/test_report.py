@@ -363,3 +363,45 @@ def test_plot_without_matplotlib_says_how_to_get_it(sweep_dir, tmp_path, monkeyp
     r = cli(sweep_dir, "--plot", tmp_path / "x.png")
     assert r.exit_code == 2
     assert "pip install 'mnist-jobs[plot]'" in r.stderr and not (tmp_path / "x.png").exists()
+
+
+# ---- diverged runs -------------------------------------------------------------------------------
+
+
+def test_diverged_runs_are_failed_runs_named_diverged_and_never_nan(folder, results):
+    """A real pack in which one model diverges (lr 100 with weight decay 1), next to the sweep, plus a
+    completed result that an older version wrote with NaN tokens: the table names the divergence and
+    never shows nan."""
+    from mnist_jobs.train import train_pack
+
+    good = TrainConfig(iters=30, eval_every=10, device="cpu", lr=0.1, seed=5)
+    bad = TrainConfig(iters=30, eval_every=10, device="cpu", lr=100.0, weight_decay=1.0, seed=5)
+    train_pack([good, bad], results_dir=folder, run_ids=["ok", "diverged"], progress=lambda p: None)
+    legacy = json.dumps({**results[run_id(0.01, 0)], "run_id": "legacy"}).replace(
+        '"test_loss": ', '"test_loss": NaN, "was": ', 1
+    )
+    (folder / "legacy.json").write_text(legacy)
+
+    report = rep.make_report(folder)
+    assert report.counts["failed"] == 1 and report.diverged == 1 and report.counts["completed"] == 8
+    text = render(rep.build_table(report))
+    assert "1 failed (1 diverged)" in text and "--all lists" in text
+    assert "nan" not in text.lower()
+
+    listed = rep.make_report(folder, include_all=True)
+    [row] = listed.other_rows
+    assert row["run_ids"] == ["diverged"] and row["test_accuracy_mean"] is None
+    text = " ".join(render(rep.build_table(listed), width=300).split())
+    assert (
+        "failed: Diverged: train loss became NaN at iteration 20 (lr 100, weight decay 1); lower --lr" in text
+    )
+    assert "nan" not in text
+
+    for fmt in ("csv", "json", "markdown"):
+        r = cli(folder, "--all", "--format", fmt)
+        assert r.exit_code == 0, r.output
+        assert "Diverged: train loss became NaN" in r.stdout and "nan" not in r.stdout.lower().replace(
+            "became nan", ""
+        )
+    doc = json.loads(cli(folder, "--all", "--format", "json").stdout, parse_constant=lambda c: 1 / 0)
+    assert doc["diverged"] == 1 and doc["counts"]["failed"] == 1

@@ -26,7 +26,8 @@ from typer.testing import CliRunner
 from mnist_jobs.checkpoint import checkpoint_path, population_path
 from mnist_jobs.cli import app
 from mnist_jobs.config import TrainConfig
-from mnist_jobs.launch import read_manifest, run_states, sweep_run_id
+from mnist_jobs.grid import sweep_run_id
+from mnist_jobs.sweepdir import read_manifest, run_states
 from mnist_jobs.train import train, train_pack
 
 pytestmark = pytest.mark.slurm
@@ -428,3 +429,21 @@ def test_packed_sweep_killed_resumes_at_the_next_sweep(cluster, results, pack_re
     assert (
         f"resuming {', '.join(PACK_IDS)} from {population_path(folder, PACK_IDS)} at iteration {saved}" in log
     )
+
+
+def test_packed_sweep_preempted_by_usr2_is_requeued_by_submitit_and_resumes(cluster, results, pack_reference):
+    """submitit's preemption / time-limit signal on a pack: the loop checkpoints the whole pack,
+    TrainTask (the same Checkpointable as for a lone run) has submitit requeue it, and it resumes."""
+    folder, job_id = submit_pack(results, "pack-usr2")
+    wait_running_with_checkpoint(folder, job_id, run_ids=tuple(PACK_IDS))
+    subprocess.run(["scancel", "--signal=USR2", job_id], check=True, timeout=30)
+    refs = pack_reference()
+    rows = wait_pack(folder, ("COMPLETED", "FAILED"))
+    assert [r["state"] for r in rows] == ["COMPLETED"] * 3, rows
+    recs = assert_pack_equals_reference(folder, refs)
+    for rec in recs:
+        ck = rec["checkpointing"]
+        assert ck["requeues"] == 1 and ck["resumes"] == 1 and 0 < ck["resumed_from_iteration"] < PACK_ITERS
+    log = (folder / "logs" / f"{job_id}_0_log.out").read_text()
+    assert "this job is preempted" in log and "Calling checkpoint method" in log
+    assert f"resuming {', '.join(PACK_IDS)}" in log

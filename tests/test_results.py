@@ -4,6 +4,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -74,3 +75,117 @@ def test_loader_skips_foreign_truncated_and_future_files(tmp_path):
     assert sorted(p.name for p, _ in bad) == ["foreign.json", "future.json", "trunc.json"]
     with pytest.raises(ResultError, match="newer"):
         parse_result(json.dumps({**good, "schema_version": 99}))
+
+
+# ---- file modes: what a teammate sharing the folder can read -----------------------------------
+
+
+@pytest.fixture(params=[0o022, 0o002], ids=["umask022", "umask002"])
+def umask(request):
+    old = os.umask(request.param)
+    try:
+        yield request.param
+    finally:
+        os.umask(old)
+
+
+def test_written_files_get_the_mode_of_any_new_file(tmp_path, umask):
+    """Results, manifests, weights and checkpoints are 0666 less the umask (not mkstemp's 0600)."""
+    from mnist_jobs.results import atomic_write_bytes, current_umask, default_file_mode
+
+    expected = 0o666 & ~umask
+    assert current_umask() == umask and default_file_mode() == expected
+    atomic_write_json(tmp_path / "run.json", {"kind": "mnist-jobs/result", "status": "completed"})
+    atomic_write_json(tmp_path / "sweep" / "sweep.json", {"kind": "mnist-jobs/sweep", "runs": {}})
+    atomic_write_bytes(tmp_path / "run.pt", b"\x80weights")
+    atomic_write_json(tmp_path / "run.json", {"rewritten": True})  # a rewrite too
+    for name in ("run.json", "sweep/sweep.json", "run.pt"):
+        assert oct((tmp_path / name).stat().st_mode & 0o777) == oct(expected), name
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.json", "run.pt", "sweep"]  # no temp left
+
+
+def test_a_real_run_writes_readable_result_and_weights(tmp_path, umask):
+    from mnist_jobs.config import TrainConfig
+    from mnist_jobs.train import train
+
+    r = train(TrainConfig(iters=10, eval_every=10, device="cpu"), results_dir=tmp_path, run_id="r")
+    for path in (r["result_path"], r["model_path"]):
+        assert os.stat(path).st_mode & 0o777 == 0o666 & ~umask
+
+
+# ---- strict JSON and divergence ----------------------------------------------------------------
+
+
+def strict_loads(text: str):
+    """json.loads as jq or JavaScript would parse: NaN, Infinity and -Infinity are errors."""
+
+    def refuse(token):
+        raise ValueError(f"not strict JSON: {token}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_json_is_strict_non_finite_floats_become_null(tmp_path):
+    p = tmp_path / "r.json"
+    nan, inf = float("nan"), float("inf")
+    atomic_write_json(p, {"a": nan, "b": [inf, -inf, 1.5, (nan, 2)], "c": {"d": nan, "e": "nan"}, "f": 0.25})
+    assert strict_loads(p.read_text()) == {
+        "a": None,
+        "b": [None, None, 1.5, [None, 2]],
+        "c": {"d": None, "e": "nan"},
+        "f": 0.25,
+    }
+    loop: dict = {}
+    loop["self"] = loop
+    with pytest.raises(ValueError, match="Circular"):  # other errors are still errors
+        atomic_write_json(p, loop)
+    assert strict_loads(p.read_text())["f"] == 0.25  # and leave the old file
+
+
+DIVERGING = {"lr": 100.0, "weight_decay": 1.0}  # lr * weight decay > 2: the weights grow 99x a step
+
+
+def test_a_diverged_lone_run_is_a_failed_record_in_strict_json(tmp_path):
+    """(Plain-SGD logreg cannot diverge: its gradient is bounded, so even lr 1000 keeps finite losses.)"""
+    from mnist_jobs.config import TrainConfig
+    from mnist_jobs.train import Diverged, train
+
+    cfg = TrainConfig(iters=300, eval_every=50, device="cpu", **DIVERGING)
+    with pytest.raises(Diverged, match=r"train loss became NaN at iteration 50 \(lr 100, weight decay 1\)"):
+        train(cfg, results_dir=tmp_path, run_id="boom", progress=lambda p: None)
+    rec = strict_loads((tmp_path / "boom.json").read_text())
+    assert rec["status"] == "failed"
+    assert rec["error"] == {
+        "type": "Diverged",
+        "message": "train loss became NaN at iteration 50 (lr 100, weight decay 1); lower --lr",
+        "traceback": None,
+    }
+    m = rec["metrics"]
+    assert m["diverged_at_iteration"] == 50 and m["iterations"] == 50  # stopped at the first evaluation
+    assert m["test_accuracy"] is None and m["test_loss"] is None and m["final_train_loss"] is None
+    assert [(h["iteration"], h["train_loss"], h["test_loss"]) for h in m["history"]] == [(50, None, None)]
+    assert rec["model_path"] is None and not (tmp_path / "boom.pt").exists()
+    assert rec["finished_at"] is not None
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["boom.json"]  # no checkpoint, no temp file
+
+
+def test_a_pack_marks_only_its_diverged_model(tmp_path):
+    from mnist_jobs.config import TrainConfig
+    from mnist_jobs.train import train, train_pack
+
+    good = TrainConfig(lr=0.1, iters=200, eval_every=100, device="cpu")
+    bad = TrainConfig(iters=200, eval_every=100, device="cpu", **DIVERGING)
+    records = train_pack([good, bad], results_dir=tmp_path, run_ids=["good", "bad"], progress=lambda p: None)
+    on_disk = {r["run_id"]: strict_loads(Path(r["result_path"]).read_text()) for r in records}
+    assert {rid: d["status"] for rid, d in on_disk.items()} == {"good": "completed", "bad": "failed"}
+    assert on_disk["good"]["error"] is None and (tmp_path / "good.pt").exists()
+    assert on_disk["bad"]["error"]["type"] == "Diverged" and not (tmp_path / "bad.pt").exists()
+    assert on_disk["bad"]["metrics"]["diverged_at_iteration"] == 100
+    assert [h["train_loss"] for h in on_disk["bad"]["metrics"]["history"]] == [None, None]
+    assert on_disk["bad"]["metrics"]["iterations"] == 200  # the pack trained on for its other model
+    # the diverged model did not disturb the other: it trains as its lone run does
+    lone = train(good, results_dir=tmp_path / "lone", progress=lambda p: None)
+    assert on_disk["good"]["metrics"]["test_accuracy"] == pytest.approx(
+        lone["metrics"]["test_accuracy"], abs=0.1
+    )
+    assert on_disk["good"]["metrics"]["test_accuracy"] > 80

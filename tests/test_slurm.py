@@ -17,7 +17,8 @@ import torch
 from typer.testing import CliRunner
 
 from mnist_jobs.cli import app
-from mnist_jobs.launch import max_array_size, read_manifest, run_states
+from mnist_jobs.slurm import max_array_size
+from mnist_jobs.sweepdir import read_manifest, run_states
 
 pytestmark = pytest.mark.slurm
 runner = CliRunner()
@@ -211,6 +212,36 @@ def test_cuda_pack_submits_from_a_gpu_less_login_node_and_is_sized_on_the_node(c
         rec = json.loads(p.read_text())
         assert rec["status"] == "failed" and rec["error"]["type"] == "DeviceError"
         assert "CUDA is not available" in rec["error"]["message"] and len(rec["packed_with"]) == 1
+
+
+def test_readme_toml_sweep_file_submits_to_slurm(cluster, results, tmp_path):
+    """README's example sweep file, verbatim: its [slurm] table makes it a SLURM sweep (it used to train
+    on the login node); the jobs really are on partition gpu with a 30-minute limit. Cancelled once seen
+    there: what they train is the end-to-end test's business."""
+    import re
+
+    text = re.search(r"```toml\n(.*?)```", (Path(__file__).parent.parent / "README.md").read_text(), re.S)
+    path = tmp_path / "lr-study.toml"
+    path.write_text(text.group(1))
+    res = runner.invoke(app, ["sweep", "--config", str(path), "--results-dir", str(results)])
+    assert res.exit_code == 0, res.output
+    assert "executor slurm" in res.output and "submitted 9 run(s)" in res.output
+    manifest = read_manifest(results / "lr-study")
+    assert manifest["executor"] == "slurm" and manifest["slurm"]["partition"] == "gpu"
+    jobs = sorted({r["job_id"].split("_")[0] for r in manifest["runs"].values()})
+    deadline = time.monotonic() + 30
+    while True:  # (accounting lists a job a moment after sbatch returns)
+        out = subprocess.run(
+            ["sacct", "-n", "-P", "-X", "-o", "Partition,Timelimit", "-j", ",".join(jobs)],
+            capture_output=True, text=True,
+        ).stdout  # fmt: skip
+        rows = {tuple(line.split("|")) for line in out.splitlines() if line.strip()}
+        if rows or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert rows == {("gpu", "00:30:00")}, out
+    cancelled = runner.invoke(app, ["cancel", "lr-study", "--results-dir", str(results)])
+    assert cancelled.exit_code == 0, cancelled.output
 
 
 def _error_lines(output: str) -> list[str]:

@@ -8,7 +8,8 @@ from typer.testing import CliRunner
 
 from mnist_jobs.cli import app
 from mnist_jobs.config import ConfigError
-from mnist_jobs.launch import expand_grid, grid_values, read_manifest, read_sweep_file, sweep_run_id
+from mnist_jobs.grid import expand_grid, grid_values, read_sweep_file, sweep_run_id
+from mnist_jobs.sweepdir import read_manifest
 
 runner = CliRunner()
 REFERENCE = Path(__file__).parent / "data" / "dry_run_lr_sweep.sbatch"

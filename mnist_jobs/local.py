@@ -1,0 +1,105 @@
+"""The local backend: a sweep's tasks on this machine through submitit's LocalExecutor, with the
+concurrency cap submitit does not have (one job per GPU, an equal share of the CPU threads).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .job import TrainTask
+
+
+def local_gpu_count() -> int:
+    """GPUs this machine would give jobs (without importing torch in the parent)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return len([v for v in visible.split(",") if v.strip() and v.strip() != "-1"])
+    if shutil.which("nvidia-smi"):
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10)
+            return len([ln for ln in out.stdout.splitlines() if ln.startswith("GPU ")])
+    return 0
+
+
+def run_local(
+    folder: Path,
+    tasks: list[TrainTask],
+    *,
+    max_parallel: int,
+    tasks_per_node: int = 1,
+    timeout_min: int = 24 * 60,
+    on_event: Callable[[str, int, Any], None] | None = None,
+    executor_kind: str = "local",
+) -> list[str]:
+    """Run tasks on this machine through submitit's LocalExecutor, at most `max_parallel` at once,
+    each concurrent job on its own GPU when there are several. Blocks until all are done; returns
+    the final state of each task ('COMPLETED' / 'FAILED')."""
+    import submitit
+
+    gpus = local_gpu_count()
+    slots = list(range(max(1, min(max_parallel, len(tasks)))))  # (a huge --max-parallel is fine)
+    pending = list(enumerate(tasks))
+    running: dict[int, tuple[Any, int]] = {}
+    states = ["PENDING"] * len(tasks)
+    cpu_threads = max(1, (os.cpu_count() or 1) // max(1, max_parallel * tasks_per_node))
+
+    def start(i: int, task: TrainTask, slot: int) -> None:
+        if executor_kind == "debug":
+            ex = submitit.DebugExecutor(folder=folder)
+        else:
+            ex = submitit.LocalExecutor(folder=folder)
+            params: dict[str, Any] = {"timeout_min": timeout_min, "tasks_per_node": tasks_per_node}
+            if gpus:
+                per_job = max(1, gpus // max_parallel)
+                first = (slot * per_job) % gpus
+                params.update(gpus_per_node=per_job, visible_gpus=tuple(range(first, first + per_job)))
+            ex.update_parameters(**params)
+        if task.threads is None and not gpus:
+            task.threads = cpu_threads
+        if tasks_per_node > 1 and task.master_port is None:
+            from .device import free_port
+
+            task.master_port = free_port()
+        job = ex.submit(task)
+        for j in (job, *job._sub_jobs):
+            # A local job's result is on this disk before its process exits, so there is no network
+            # filesystem to wait for: without this, submitit waits 15 s (twice: our state check, then
+            # the caller's) for the result of a worker that was killed and will never write one.
+            j._results_timeout_s = 0
+        running[i] = (job, slot)
+        states[i] = "RUNNING"
+        if on_event:
+            on_event("started", i, job)
+
+    try:
+        while pending or running:
+            while pending and slots:
+                i, task = pending.pop(0)
+                start(i, task, slots.pop(0))
+            time.sleep(0.2)
+            for i, (job, slot) in list(running.items()):
+                if executor_kind == "debug" or job.done():
+                    try:
+                        job.results()  # every task's (DDP ranks); raises if any failed
+                        states[i] = "COMPLETED"
+                    except Exception as e:
+                        states[i] = "FAILED"
+                        if on_event:
+                            on_event("error", i, e)
+                    del running[i]
+                    slots.append(slot)
+                    if on_event:
+                        on_event("finished", i, job)
+    except BaseException:
+        for job, _ in running.values():
+            with contextlib.suppress(Exception):
+                job.cancel(check=False)
+        raise
+    return states

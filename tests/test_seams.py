@@ -1,0 +1,151 @@
+"""Defects found where two features meet (issue 13), each held by a test that failed before its fix:
+TOML sweep files decide the executor and name misspelled keys; a corrupt sweep.json is one line, not a
+traceback, and does not hide the other sweeps; --force deletes nothing when the command is refused;
+a bad --device leaves no folder behind. (Strict JSON and file modes: test_results.py; control
+characters and --momentum: test_bad_input.py; claims under status polling: test_checkpoint.py; the
+TOML file submitted to the real cluster: test_slurm.py.)"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from mnist_jobs import checkpoint as ckpt
+from mnist_jobs.cli import app
+from mnist_jobs.config import ConfigError, TrainConfig
+from mnist_jobs.grid import sweep_run_id
+from mnist_jobs.launch import SweepOptions
+
+runner = CliRunner()
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def readme_toml() -> str:
+    """README's own example sweep file, verbatim."""
+    return re.search(r"```toml\n(.*?)```", README.read_text(), re.S).group(1)
+
+
+def test_readme_toml_slurm_table_decides_the_executor(tmp_path):
+    path = tmp_path / "lr-study.toml"
+    path.write_text(readme_toml())
+    opts = SweepOptions.from_sources(
+        training={}, slurm={}, config_file=path, results_dir=tmp_path / "r", data_dir=None
+    )
+    assert opts.executor == "slurm" and opts.slurm.partition == "gpu" and opts.slurm.time_min == 30
+    assert opts.name == "lr-study" and opts.grid["lr"] == [0.001, 0.01, 0.1]
+    # the dry run says so too (without SLURM installed: it only renders the script)
+    res = runner.invoke(
+        app, ["sweep", "--config", str(path), "--dry-run", "--results-dir", str(tmp_path / "r")]
+    )
+    assert res.exit_code == 0, res.output
+    assert "executor slurm" in res.output and "#SBATCH --partition=gpu" in res.output
+    assert "#SBATCH --time=30" in res.output
+    # the command line still overrides the file
+    cli = SweepOptions.from_sources(
+        training={}, slurm={"time_min": 5}, config_file=path, results_dir=tmp_path / "r", data_dir=None
+    )
+    assert cli.slurm.time_min == 5 and cli.slurm.partition == "gpu"
+    local = SweepOptions.from_sources(
+        training={}, slurm={}, config_file=path, executor="local", results_dir=tmp_path / "r"
+    )
+    assert local.executor == "local"
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ('lr = [0.1]\n[slurm]\nparttion = "gpu"\n', "'parttion'"),
+        ("lrr = [0.1]\n", "'lrr'"),
+        ("lr = [0.1]\nslurm = 3\n", "[slurm] must be a table"),
+    ],
+)
+def test_misspelled_sweep_file_keys_name_themselves_and_the_valid_ones(tmp_path, text, needle):
+    path = tmp_path / "s.toml"
+    path.write_text(text)
+    res = runner.invoke(
+        app, ["sweep", "--config", str(path), "--dry-run", "--results-dir", str(tmp_path / "r")]
+    )
+    assert res.exit_code == 2, res.output
+    [line] = res.output.strip().splitlines()
+    assert line.startswith("Error: ") and needle in line, line
+    if "table" not in needle:
+        assert "valid:" in line and ("partition" in line if "parttion" in needle else "batch_size" in line)
+    assert not (tmp_path / "r").exists()
+    with pytest.raises(ConfigError):
+        SweepOptions.from_sources(training={}, slurm={}, config_file=path, results_dir=tmp_path)
+
+
+def test_dashed_keys_in_a_sweep_file_are_accepted(tmp_path):
+    path = tmp_path / "s.toml"
+    path.write_text('batch-size = [50, 100]\niters = 10\n[slurm]\ntime-min = 7\npartition = "gpu"\n')
+    opts = SweepOptions.from_sources(training={}, slurm={}, config_file=path, results_dir=tmp_path)
+    assert opts.grid["batch_size"] == [50, 100] and opts.slurm.time_min == 7
+
+
+CORRUPT = {
+    "not-json": "{this is not json",
+    "foreign": json.dumps({"kind": "someone-else/manifest", "runs": {}}),
+    "no-runs": json.dumps({"kind": "mnist-jobs/sweep", "runs": 3}),
+    "a-list": "[1, 2, 3]",
+}
+
+
+@pytest.mark.parametrize("what", list(CORRUPT))
+def test_a_corrupt_sweep_json_is_one_line_and_hides_no_other_sweep(tmp_path, what):
+    good = runner.invoke(
+        app,
+        ["sweep", "--lr", "0.1", "--iters", "10", "--eval-every", "5", "--device", "cpu", "--name", "good",
+         "--results-dir", str(tmp_path)],
+    )  # fmt: skip
+    assert good.exit_code == 0, good.output
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "sweep.json").write_text(CORRUPT[what])
+    for args in (["status", "bad"], ["cancel", "bad"], ["logs", "bad"]):
+        res = runner.invoke(app, [*args, "--results-dir", str(tmp_path)])
+        assert res.exit_code == 2, (args, res.output)
+        [line] = res.output.strip().splitlines()
+        assert line.startswith("Error: ") and "sweep.json" in line and "no sweep.json" not in line, line
+        assert res.exception is None or isinstance(res.exception, SystemExit)
+    listing = runner.invoke(app, ["status", "--results-dir", str(tmp_path)], env={"COLUMNS": "300"})
+    assert listing.exit_code == 0, listing.output
+    assert "good" in listing.output and "unreadable" in listing.output
+    again = runner.invoke(
+        app, ["sweep", "--lr", "0.1", "--iters", "10", "--device", "cpu", "--name", "bad", "--results-dir",
+              str(tmp_path)],
+    )  # fmt: skip
+    last = again.output.strip().splitlines()[-1]
+    assert again.exit_code == 2 and last.startswith("Error: ") and "sweep.json" in last, again.output
+
+
+def test_force_deletes_no_checkpoint_when_the_command_is_refused(tmp_path):
+    """--force used to delete checkpoints before the remaining checks; now the job itself starts
+    afresh when it really runs, so a refused command leaves every checkpoint where it was."""
+    cfgs = [TrainConfig(model="cnn", batch_size=30000, iters=1, seed=s, device="cpu") for s in range(8)]
+    ids = [sweep_run_id(c) for c in cfgs]
+    folder = tmp_path / "big"
+    folder.mkdir()
+    kept = [ckpt.population_path(folder, ids), *(ckpt.checkpoint_path(folder, r) for r in ids)]
+    for p in kept:
+        p.write_bytes(b"an earlier attempt's checkpoint")
+    res = runner.invoke(
+        app,
+        ["sweep", "--model", "cnn", "--batch-size", "30000", "--iters", "1", "--seed", "0,1,2,3,4,5,6,7",
+         "--device", "cpu", "--pack", "8", "--force", "--name", "big", "--results-dir", str(tmp_path)],
+    )  # fmt: skip
+    assert res.exit_code == 2 and "use --pack" in res.output, res.output  # 8 x 5.7 GB do not fit here
+    assert all(p.exists() for p in kept)
+
+
+@pytest.mark.parametrize("command", ["train", "sweep"])
+def test_a_bad_device_creates_no_results_folder(tmp_path, command):
+    target = tmp_path / "results"
+    device = "mps" if sys.platform != "darwin" else "cuda:99"
+    res = runner.invoke(app, [command, "--device", device, "--iters", "5", "--results-dir", str(target)])
+    assert res.exit_code == 2, res.output
+    assert res.output.strip().splitlines()[-1].startswith("Error: --device") and not target.exists()
