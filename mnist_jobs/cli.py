@@ -494,11 +494,15 @@ def _run_here(console, plan, tasks, groups) -> None:
 
         states = run_here(plan, tasks, groups, on_event)
     failed = sum(s != "COMPLETED" for s in states)
+    # a task can complete with a failed run in it (a pack where one model diverged)
+    failed_runs = [r for g in groups for r in g if (_result(plan.folder, r)[0] or "failed") == "failed"]
+    failed_runs = [r for r in failed_runs if r not in elsewhere]
     console.print(
         f"done: {len(states) - failed} task(s) completed, {failed} failed"
+        + (f"; {len(failed_runs)} run(s) failed" if failed_runs else "")
         + (f"; {len(elsewhere)} run(s) left to the process already training them" if elsewhere else "")
     )
-    if failed:
+    if failed or failed_runs:
         raise typer.Exit(1)
 
 

@@ -32,7 +32,7 @@ from .grid import (
 )
 from .job import DEFAULT_MAX_REQUEUES, TrainTask
 from .slurm import LaunchError
-from .sweepdir import LOG_DIR, plan_runs, record_submission
+from .sweepdir import LOG_DIR, plan_runs, record_submission, warn_if_claims_node_local
 
 EXECUTORS = ("auto", "slurm", "local", "debug")
 SLURM_FIELDS = tuple(f.name for f in dataclasses.fields(SlurmConfig))
@@ -260,6 +260,8 @@ def preflight(plan: Plan) -> None:
         check_writable_dir(o.results_dir)
     except (OSError, DataError, DeviceError) as e:
         raise LaunchError(str(e)) from None
+    # said here too, not only in the workers' logs: on such a mount two sweeps may train a run twice
+    warn_if_claims_node_local(plan.folder)
 
 
 def make_tasks(plan: Plan, run_ids: list[str]) -> tuple[list[TrainTask], list[list[str]]]:

@@ -244,7 +244,7 @@ def claim_run(folder: Path, run_id: str) -> Iterator[bool]:
             yield True
             return
         if held:
-            _check_mount(folder)
+            warn_if_claims_node_local(folder)
         try:
             yield held
         finally:
@@ -310,7 +310,7 @@ def mount_of(path: str, mountinfo: str) -> tuple[str, str, str] | None:
     return best
 
 
-def _check_mount(folder: Path) -> None:
+def warn_if_claims_node_local(folder: Path) -> None:
     """Warn once if the folder's mount makes claims node-local (Linux: /proc/self/mountinfo)."""
     key = str(folder)
     if key in _checked:

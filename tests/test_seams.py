@@ -149,3 +149,18 @@ def test_a_bad_device_creates_no_results_folder(tmp_path, command):
     res = runner.invoke(app, [command, "--device", device, "--iters", "5", "--results-dir", str(target)])
     assert res.exit_code == 2, res.output
     assert res.output.strip().splitlines()[-1].startswith("Error: --device") and not target.exists()
+
+
+def test_a_pack_with_one_diverged_run_fails_the_local_sweep(tmp_path):
+    """A pack task can complete while one of its runs diverged: the sweep still says so and exits 1."""
+    res = runner.invoke(
+        app,
+        ["sweep", "--lr", "0.1,100", "--weight-decay", "1", "--pack", "2", "--iters", "60", "--eval-every",
+         "30", "--device", "cpu", "--name", "div", "--results-dir", str(tmp_path)],
+    )  # fmt: skip
+    assert res.exit_code == 1, res.output
+    assert "1 run(s) failed" in res.output
+    recs = [json.loads(p.read_text()) for p in (tmp_path / "div").glob("logreg-*.json")]
+    assert sorted(r["status"] for r in recs) == ["completed", "failed"]
+    [bad] = [r for r in recs if r["status"] == "failed"]
+    assert bad["error"]["type"] == "Diverged" and bad["config"]["lr"] == 100
