@@ -1,10 +1,13 @@
 import gzip
 import os
+from pathlib import Path
 
 import pytest
 import torch
 
 from mnist_jobs import data
+
+data_writable = data._writable_dir
 
 
 def test_shipped_files_verify_and_load_like_to_tensor():
@@ -91,3 +94,125 @@ def test_private_copies_of_an_older_version_are_opened_up(data_copy):
     for name in data.RAW_SIZES:
         assert (raw / name).stat().st_mode & 0o777 == 0o644, name
         assert (raw / name).stat().st_mtime_ns == mtimes[name]  # fixed in place, not extracted again
+
+
+# ---- the decoded cache: torchvision decodes on first use only ---------------------------------------
+
+_LOAD_IN_SUBPROCESS = """
+import sys
+from mnist_jobs import data
+arrays = data.load_uint8(sys.argv[1])
+print("torchvision" in sys.modules, [tuple(a.shape) for a in arrays])
+"""
+
+
+def _reference(data_dir):
+    """What torchvision decodes from these files, without the cache."""
+    return data._decode(data.prepare(data_dir))
+
+
+def _assert_identical(got, want):
+    for a, b in zip(got, want, strict=True):
+        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+
+
+def _cache_file(data_dir):
+    key = data.source_key(data.verify_gz(data_dir / "MNIST" / "raw"))
+    return data_dir / "MNIST" / "raw" / data.cache_name(key)
+
+
+@pytest.fixture
+def private_cache(tmp_path, monkeypatch):
+    """XDG_CACHE_HOME in tmp_path: no test reads or writes the user's ~/.cache."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    return tmp_path / "xdg" / "mnist_jobs" / "data" / "MNIST" / "raw"
+
+
+def test_decoded_cache_is_made_once_then_loaded_without_torchvision(data_copy, private_cache):
+    import subprocess
+    import sys
+
+    cache = _cache_file(data_copy)
+    assert not cache.exists()
+    run = [sys.executable, "-c", _LOAD_IN_SUBPROCESS, str(data_copy)]
+    first = subprocess.run(run, capture_output=True, text=True, check=True, env=os.environ)
+    assert first.stdout.startswith("True")  # first use: torchvision decodes
+    assert cache.stat().st_size == data.CACHE_HEADER_SIZE + data.CACHE_PAYLOAD_SIZE
+    mtime = cache.stat().st_mtime_ns
+    second = subprocess.run(run, capture_output=True, text=True, check=True, env=os.environ)
+    assert second.stdout.startswith("False"), second.stdout  # from the cache: no torchvision at all
+    assert "(60000, 28, 28), (60000,), (10000, 28, 28), (10000,)" in second.stdout
+    assert cache.stat().st_mtime_ns == mtime  # read, not rewritten
+    _assert_identical(data.load_uint8(data_copy), _reference(data_copy))  # bit-identical
+    assert oct(cache.stat().st_mode & 0o777) == oct(data.default_file_mode())
+    assert not list(cache.parent.glob(".*.tmp"))
+
+
+def _count_decodes(monkeypatch):
+    calls = []
+    real = data._decode
+
+    def counting(root):
+        calls.append(root)
+        return real(root)
+
+    monkeypatch.setattr(data, "_decode", counting)
+    return calls
+
+
+@pytest.mark.parametrize("damage", ["flipped-byte", "truncated", "flipped-header"])
+def test_corrupt_or_truncated_cache_is_detected_and_rebuilt(data_copy, private_cache, monkeypatch, damage):
+    data.load_uint8(data_copy)
+    cache = _cache_file(data_copy)
+    good = cache.read_bytes()
+    blob = bytearray(good)
+    if damage == "flipped-byte":
+        blob[data.CACHE_HEADER_SIZE + 47_040_000 + 5] ^= 0x01  # one train label
+    elif damage == "flipped-header":
+        blob[20] ^= 0x01  # in the source key
+    else:
+        blob = blob[: len(blob) // 2]
+    cache.write_bytes(bytes(blob))
+    calls = _count_decodes(monkeypatch)
+    _assert_identical(data.load_uint8(data_copy), _reference(data_copy))
+    assert len(calls) == 2  # the load decoded again (and so did _reference)
+    assert cache.read_bytes() == good  # rebuilt
+    calls.clear()
+    data.load_uint8(data_copy)
+    assert not calls  # and used from then on
+
+
+def test_cache_from_other_source_files_is_not_used(data_copy, private_cache, monkeypatch):
+    raw = data_copy / "MNIST" / "raw"
+    data.load_uint8(data_copy)
+    old_cache = _cache_file(data_copy)
+    old_bytes = old_cache.read_bytes()
+    # Other source files: test label 0 changed, re-gzipped, its new SHA-256 declared the expected one.
+    gz = raw / "t10k-labels-idx1-ubyte.gz"
+    labels = bytearray(gzip.decompress(gz.read_bytes()))
+    labels[8] = (labels[8] + 1) % 10
+    gz.write_bytes(gzip.compress(bytes(labels), mtime=0))
+    (raw / "t10k-labels-idx1-ubyte").unlink()  # the gunzipped copy is re-made from the new .gz
+    monkeypatch.setitem(data.GZ_SHA256, gz.name, data.sha256_file(gz))
+    new_cache = _cache_file(data_copy)
+    assert new_cache != old_cache
+    # Even a stale cache under the new name (same layout, other sources in its header) is not used.
+    new_cache.write_bytes(old_bytes)
+    got = data.load_uint8(data_copy)
+    assert got[3][0].item() == labels[8]
+    _assert_identical(got, _reference(data_copy))
+    assert old_cache.read_bytes() == old_bytes  # left alone
+    assert new_cache.read_bytes() != old_bytes  # rewritten from the new sources
+    assert data.load_uint8(data_copy)[3][0].item() == labels[8]
+
+
+def test_read_only_data_folder_keeps_the_cache_in_the_user_cache(data_copy, private_cache, monkeypatch):
+    raw = data_copy / "MNIST" / "raw"
+    monkeypatch.setattr(data, "_writable_dir", lambda path: Path(path) != raw and data_writable(path))
+    data.load_uint8(data_copy)
+    key = data.source_key(data.verify_gz(raw))
+    assert not (raw / data.cache_name(key)).exists()
+    assert (private_cache / data.cache_name(key)).exists()
+    calls = _count_decodes(monkeypatch)
+    _assert_identical(data.load_uint8(data_copy), _reference(data_copy))
+    assert len(calls) == 1  # only _reference decoded: the load used the user cache
