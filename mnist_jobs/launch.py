@@ -23,12 +23,15 @@ from typing import Any
 from .config import ConfigError, SlurmConfig, TrainConfig, check_no_control, option_name, parse_slurm_opt
 from .grid import (
     MAX_GRID,
+    Search,
     default_sweep_name,
     expand_grid,
     grid_size,
-    grid_values,
     read_sweep_file,
+    space_record,
     sweep_run_id,
+    sweep_space,
+    swept_keys,
 )
 from .job import DEFAULT_MAX_REQUEUES, TrainTask
 from .slurm import LaunchError
@@ -68,10 +71,12 @@ def slurm_config(values: dict[str, Any], *, where: str = "") -> SlurmConfig:
 class SweepOptions:
     """Everything one launch needs, from the command line and a sweep file merged, validated once.
 
-    `grid`: per training option, its list of values. `executor`: resolved (slurm when any SLURM option
+    `grid`: per training option, its list of values; `search`: the sampled options (random search),
+    whose points are crossed with the grid, or None. `executor`: resolved (slurm when any SLURM option
     was given, on the command line or in the file's [slurm] table; else local)."""
 
     grid: dict[str, list[Any]]
+    search: Search | None = None
     slurm: SlurmConfig
     executor: str
     results_dir: Path
@@ -118,10 +123,13 @@ class SweepOptions:
         config_file: Path | None = None,
         executor: str = "auto",
         name: str | None = None,
+        samples: int | None = None,
+        search_seed: int | None = None,
         **behaviour: Any,
     ) -> SweepOptions:
         """Command-line values (None: not given) over a TOML sweep file's. The executor is decided from
-        the merged options, so a file's `[slurm] partition = "gpu"` submits like `--partition gpu`."""
+        the merged options, so a file's `[slurm] partition = "gpu"` submits like `--partition gpu`.
+        `samples` / `search_seed`: a random search over the sampled options (`--lr loguniform:A:B`)."""
         if executor not in EXECUTORS:
             raise ConfigError(f"--executor must be auto, slurm or local (got {executor!r})")
         file = read_sweep_file(config_file) if config_file else {}
@@ -139,8 +147,10 @@ class SweepOptions:
         merged = {**table, **given_cli}
         wants_slurm = any(k not in RUNS_ANYWHERE for k in merged)
         kind = executor if executor != "auto" else ("slurm" if wants_slurm else "local")
+        grid, search = sweep_space(training, file, samples=samples, search_seed=search_seed)
         return cls(
-            grid=grid_values(training, file),
+            grid=grid,
+            search=search,
             slurm=slurm_cfg,
             executor=kind,
             name=name if name is not None else file.get("name"),
@@ -174,6 +184,16 @@ class Plan:
     def executor(self) -> str:
         return self.options.executor
 
+    @property
+    def swept(self) -> list[str]:
+        """The training options that vary across the runs (sampled or listed), in field order."""
+        return swept_keys(self.options.grid, self.options.search)
+
+    @property
+    def space(self) -> dict[str, Any]:
+        """The sweep's grid as the manifest records it (lists; a sampled option's distribution)."""
+        return space_record(self.options.grid, self.options.search)
+
     def config(self, run_id: str) -> TrainConfig:
         return self.configs[self.run_ids.index(run_id)]
 
@@ -203,10 +223,10 @@ class Plan:
 
 def make_plan(opts: SweepOptions, *, name: str | None = None) -> Plan:
     """Expand the grid, name the sweep, check what can be checked without touching anything."""
-    size = grid_size(opts.grid)
+    size = grid_size(opts.grid, opts.search)
     if size > MAX_GRID and not opts.allow_huge:
         raise ConfigError(f"the grid has {size:,} runs (more than {MAX_GRID:,}); pass --yes to run it anyway")
-    configs = expand_grid(opts.grid)
+    configs = expand_grid(opts.grid, opts.search)
     run_ids = [sweep_run_id(c) for c in configs]
     name = name or opts.name or default_sweep_name(run_ids)
     check_sweep_name(name)
@@ -369,7 +389,7 @@ def submit(plan: Plan, tasks: list[TrainTask], groups: list[list[str]]) -> Submi
     runs = _runs_info(plan, groups[: len(job_ids)], job_ids)
     if runs:
         record_submission(
-            plan.folder, name=plan.name, executor="slurm", grid=plan.options.grid,
+            plan.folder, name=plan.name, executor="slurm", grid=plan.space,
             slurm=plan.options.slurm.to_dict(), runs=runs,
         )  # fmt: skip
     if error is not None:
@@ -385,13 +405,13 @@ def run_here(plan: Plan, tasks: list[TrainTask], groups: list[list[str]], on_eve
 
     o = plan.options
     runs = _runs_info(plan, groups, [None] * len(groups))
-    record_submission(plan.folder, name=plan.name, executor="local", grid=o.grid, slurm=None, runs=runs)
+    record_submission(plan.folder, name=plan.name, executor="local", grid=plan.space, slurm=None, runs=runs)
 
     def event(what: str, i: int, obj: Any) -> None:
         if what == "started" and plan.executor == "local":
             ids = {r: {**runs[r], "job_id": str(obj.job_id)} for r in groups[i]}
             record_submission(
-                plan.folder, name=plan.name, executor="local", grid=o.grid, slurm=None, runs=ids,
+                plan.folder, name=plan.name, executor="local", grid=plan.space, slurm=None, runs=ids,
                 new_attempt=False,
             )  # fmt: skip
         if on_event is not None:
