@@ -19,7 +19,7 @@ import typer
 from typer._click import exceptions as click_exc  # typer 0.29 vendors click
 from typer.core import TyperGroup
 
-from .config import TRAIN_FIELDS, ConfigError, TrainConfig, train_config_from_options
+from .config import TRAIN_FIELDS, ConfigError, TrainConfig, option_name, train_config_from_options
 
 
 class _OneLineErrors(TyperGroup):
@@ -51,7 +51,6 @@ app = typer.Typer(
     name="mnist-jobs",
     help="Run MNIST training jobs and hyperparameter sweeps, locally or on SLURM.",
     no_args_is_help=True,
-    add_completion=False,
     pretty_exceptions_enable=False,
 )
 
@@ -165,6 +164,7 @@ Executor = Annotated[
     str, typer.Option(help="auto (slurm if any SLURM option is given), slurm or local.", rich_help_panel=_S)
 ]
 _C = "Checkpoints (sweep runs and submitted train runs)"
+_R = "Random search (sweep; sampled options: KIND:LOW:HIGH, uniform or loguniform)"
 CheckpointEvery = Annotated[
     Optional[int],
     typer.Option(
@@ -335,6 +335,22 @@ def sweep(
     yes: Annotated[
         bool, typer.Option("--yes", "-y", help=f"Allow grids larger than {10_000:,} runs.")
     ] = False,
+    samples: Annotated[
+        Optional[int],
+        typer.Option(
+            help="Random search: draw N points from the sampled options (--lr loguniform:1e-4:1e-1, --momentum uniform:0:0.99); each point is crossed with the listed values (--seed 0,1,2).",
+            metavar="N",
+            rich_help_panel=_R,
+        ),
+    ] = None,
+    search_seed: Annotated[
+        Optional[int],
+        typer.Option(
+            help="Seed of the random search: the same seed draws the same points (and so the same runs). Default: 0.",
+            metavar="SEED",
+            rich_help_panel=_R,
+        ),
+    ] = None,
     executor: Executor = "auto",
     slurm: dict[str, Any] | None = None,  # the SLURM options (SLURM_OPTIONS), added by @_slurm_options
     checkpoint_every: CheckpointEvery = None,
@@ -342,7 +358,7 @@ def sweep(
 ) -> None:
     """Run a hyperparameter grid: every training option takes a comma list (--lr 0.001,0.01).
 
-    With any SLURM option (--partition, --gpus-per-node, ...) the grid is submitted as a SLURM job array and the command returns; otherwise it runs on this machine. Runs that already have a completed result are skipped, so the same command resumes a sweep.
+    Random search: --lr loguniform:1e-4:1e-1 --momentum uniform:0:0.99 --samples 20 (lr, momentum, weight decay, batch size, epochs, iters can be sampled). With any SLURM option (--partition, --gpus-per-node, ...) the grid is submitted as a SLURM job array and the command returns; otherwise it runs on this machine. Runs that already have a completed result are skipped, so the same command resumes a sweep.
     """
     v = dict(locals())
     try:
@@ -361,9 +377,8 @@ def _sweep_options(v: dict[str, Any], *, config_file: Path | None = None, **extr
     from .launch import SweepOptions
 
     slurm = v["slurm"]
-    behaviour = {
-        k: v[k] for k in ("pack", "max_parallel", "retry_failed", "force", "checkpoint_every") if k in v
-    }
+    keys = ("pack", "max_parallel", "retry_failed", "force", "checkpoint_every", "samples", "search_seed")
+    behaviour = {k: v[k] for k in keys if k in v}
     return SweepOptions.from_sources(
         training=_train_options(v),
         slurm=slurm,
@@ -429,8 +444,21 @@ def _launch(opts, *, dry_run: bool, wait: bool, name: str | None = None) -> None
 def _print_dry_run(console, plan, dry) -> None:
     from rich.table import Table
 
-    swept = [k for k, vals in plan.options.grid.items() if len(vals) > 1] or ["lr"]
-    table = Table(title=f"grid of {plan.name}")
+    swept = plan.swept or ["lr"]
+    search = plan.options.search
+    if search is not None:
+        from .grid import grid_size
+
+        listed = grid_size(plan.options.grid)
+        drawn = len({tuple(getattr(c, k) for k in search.names) for c in plan.configs})
+        fewer = f" (the space holds only {drawn} distinct ones)" if drawn < search.samples else ""
+        typer.echo(  # plain lines, never wrapped
+            f"random search: {search.samples} point(s) drawn with search seed {search.seed}{fewer}, "
+            f"each crossed with {listed} listed combination(s):"
+        )
+        for d in search.space:
+            typer.echo(f"  {option_name(d.name)} {d.spec()}")
+    table = Table(title=f"{'runs' if search else 'grid'} of {plan.name}")
     table.add_column("run id")
     for k in swept:
         table.add_column(k, justify="right")
@@ -451,6 +479,18 @@ def _print_dry_run(console, plan, dry) -> None:
     console.print("dry run: nothing submitted")
 
 
+def _run_counts(states: list[str], accuracies: list[float | None]) -> str:
+    """`3 completed, 1 failed, 2 running, best 91.23%`: runs by state (completed and failed always
+    shown), and the best test accuracy so far. Shared by a local sweep's bar and `status`."""
+    from collections import Counter
+
+    counts = Counter(str(s).lower() for s in states)
+    parts = [f"{counts.pop('completed', 0)} completed", f"{counts.pop('failed', 0)} failed"]
+    parts += [f"{n} {state}" for state, n in sorted(counts.items())]
+    best = max((a for a in accuracies if a is not None), default=None)
+    return ", ".join(parts) + (f", best {best:.2f}%" if best is not None else "")
+
+
 def _run_here(console, plan, tasks, groups) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -466,31 +506,37 @@ def _run_here(console, plan, tasks, groups) -> None:
         TextColumn("{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
+        TextColumn("{task.fields[counts]}"),
         TimeElapsedColumn(),
         console=console,
     ) as bar:
-        t = bar.add_task("runs", total=len(tasks))
+        # the bar counts runs, not tasks: a pack of 4 is 4 runs
+        t = bar.add_task("runs", total=n_runs, counts=_run_counts([], []))
         elsewhere: list[str] = []
+        outcome: dict[str, tuple[str, float | None]] = {}  # run id -> (state, test accuracy)
 
         def on_event(what: str, i: int, obj: Any) -> None:
             if what != "finished":
                 return
-            bar.advance(t)
             said: dict[str, str] = {}  # what the task says it did with each run
             with contextlib.suppress(Exception):  # (a failed job has no output)
                 said = {o["run_id"]: o["status"] for o in obj.results()[0]}
             for rid in groups[i]:
                 if said.get(rid) == RUNNING_ELSEWHERE:
                     elsewhere.append(rid)
+                    outcome[rid] = ("elsewhere", None)
                     bar.console.print(f"  {rid}: being trained by another process, not here")
-                    continue
-                if said.get(rid) == COMPLETED_ELSEWHERE:
-                    bar.console.print(f"  {rid}: completed meanwhile by another process")
                     continue
                 _, data = _result(plan.folder, rid)
                 acc = data["metrics"].get("test_accuracy") if data else None
                 status = data["status"] if data else "missing"
+                outcome[rid] = (status if status in ("completed", "failed") else "failed", acc)
+                if said.get(rid) == COMPLETED_ELSEWHERE:
+                    bar.console.print(f"  {rid}: completed meanwhile by another process")
+                    continue
                 bar.console.print(f"  {rid}: {status}" + (f"  {acc:.2f}%" if acc is not None else ""))
+            states, accs = zip(*outcome.values())
+            bar.update(t, completed=len(outcome), counts=_run_counts(list(states), list(accs)))
 
         states = run_here(plan, tasks, groups, on_event)
     failed = sum(s != "COMPLETED" for s in states)
@@ -513,6 +559,7 @@ def _result(folder: Path, run_id: str):
 
 
 def _follow(console, folder: Path, interval_s: float = 2.0) -> None:
+    from rich.console import Group
     from rich.live import Live
 
     from .sweepdir import run_states
@@ -520,10 +567,29 @@ def _follow(console, folder: Path, interval_s: float = 2.0) -> None:
     with Live(console=console, refresh_per_second=2) as live:
         while True:
             rows = run_states(folder)
-            live.update(_status_table(folder.name, rows))
+            live.update(Group(_status_table(folder.name, rows), _runs_bar(rows)))
             if all(r["state"].done for r in rows):
                 break
             time.sleep(interval_s)
+    if not console.is_terminal:
+        console.line()  # (Live ends a file's last render without one)
+
+
+def _runs_bar(rows: list[dict[str, Any]]):
+    """`runs ━━━━━━━━━━━━━━━━━━━━━━━━━━ 3/4 2 completed, 1 failed, 1 running, best 91.23%`: the runs
+    done (completed, failed, or missing) out of all, one per run whatever packs they trained in."""
+    from rich.progress_bar import ProgressBar
+    from rich.table import Table
+
+    done = sum(r["state"].done for r in rows)
+    line = Table.grid(padding=(0, 1))
+    line.add_row(
+        "runs",
+        ProgressBar(total=max(1, len(rows)), completed=done, width=40),
+        f"{done}/{len(rows)}",
+        _run_counts([r["state"] for r in rows], [r["test_accuracy"] for r in rows]),
+    )
+    return line
 
 
 def _status_table(name: str, rows: list[dict[str, Any]]):
@@ -548,6 +614,9 @@ def _status_table(name: str, rows: list[dict[str, Any]]):
     table.add_column("job id")
     table.add_column("state")
     table.add_column("test acc %", justify="right")
+    history = any(r.get("history") for r in rows)  # earlier attempts: node failure, requeue
+    if history:
+        table.add_column("earlier attempts")
     for r in rows:
         acc = f"{r['test_accuracy']:.2f}" if r["test_accuracy"] is not None else ""
         c = colours.get(r["state"], "white")
@@ -557,11 +626,29 @@ def _status_table(name: str, rows: list[dict[str, Any]]):
             r["job_id"] or "",
             f"[{c}]{r['state']}[/]",
             acc,
+            *([r.get("history") or ""] if history else []),
         )
     return table
 
 
-SweepName = Annotated[Optional[str], typer.Argument(help="Sweep name (folder under --results-dir).")]
+def _complete_sweep_name(ctx: typer.Context, incomplete: str) -> list[str]:
+    """Shell completion of a sweep name: the sweep folders under --results-dir (as typed earlier on the
+    line, else results/). One directory listing; nothing heavy is imported."""
+    from .sweepdir import list_sweeps
+
+    results_dir = Path(ctx.params.get("results_dir") or "results")
+    with contextlib.suppress(OSError):
+        return [p.name for p in list_sweeps(results_dir) if p.name.startswith(incomplete)]
+    return []
+
+
+SweepName = Annotated[
+    Optional[str],
+    typer.Argument(help="Sweep name (folder under --results-dir).", autocompletion=_complete_sweep_name),
+]
+RequiredSweepName = Annotated[
+    str, typer.Argument(help="Sweep name.", autocompletion=_complete_sweep_name, show_default=False)
+]
 
 
 def _sweep_folder(name: str, results_dir: Path) -> Path:
@@ -577,7 +664,10 @@ def _sweep_folder(name: str, results_dir: Path) -> Path:
 def status(
     name: SweepName = None,
     results_dir: ResultsDir = Path("results"),
-    watch: Annotated[bool, typer.Option("--watch", help="Refresh until every run is done.")] = False,
+    watch: Annotated[
+        bool,
+        typer.Option("--watch", "--wait", help="Refresh until every run is done (a bar counts the runs)."),
+    ] = False,
 ) -> None:
     """Show the state of each run of a sweep (pending, running, completed, failed), or list sweeps."""
     from rich.console import Console
@@ -612,14 +702,16 @@ def status(
         if watch:
             _follow(console, folder)
         else:
-            console.print(_status_table(name, run_states(folder)))
+            rows = run_states(folder)
+            console.print(_status_table(name, rows))
+            console.print(_runs_bar(rows))
     except ManifestError as e:
         fail(str(e))
 
 
 @app.command()
 def logs(
-    name: Annotated[str, typer.Argument(help="Sweep name.")],
+    name: RequiredSweepName,
     run: Annotated[
         Optional[str], typer.Argument(help="Run id (or a unique prefix); default: the only/first run.")
     ] = None,
@@ -669,7 +761,7 @@ def logs(
 
 @app.command()
 def cancel(
-    name: Annotated[str, typer.Argument(help="Sweep name.")],
+    name: RequiredSweepName,
     results_dir: ResultsDir = Path("results"),
 ) -> None:
     """Cancel (scancel) every run of a sweep that is still queued or running."""

@@ -1,0 +1,83 @@
+"""Progress counts runs, not tasks: a local sweep's bar (a pack of 4 is 4 runs) and `status --wait`
+(also for SLURM sweeps), each with completed / failed and the best accuracy so far."""
+
+from __future__ import annotations
+
+import re
+from io import StringIO
+
+import pytest
+from rich.console import Console
+from typer.testing import CliRunner
+
+from mnist_jobs.cli import _runs_bar, app
+from mnist_jobs.sweepdir import RunState
+
+runner = CliRunner()
+FAST = ["--iters", "20", "--eval-every", "10", "--device", "cpu"]
+BAR = re.compile(r"^runs [━╸╺ ]+ (\d+)/(\d+) (.*)$", re.MULTILINE)  # (no colours: an empty bar is blank)
+
+
+def bar_lines(output: str) -> list[tuple[int, int, str]]:
+    return [(int(a), int(b), rest) for a, b, rest in BAR.findall(output)]
+
+
+def test_a_packed_local_sweep_counts_its_runs(tmp_path):
+    """4 configs in one pack, one of them diverging: the bar says 4/4 runs, 3 completed, 1 failed."""
+    args = ["sweep", "--lr", "0.05,0.1,0.2,100", "--weight-decay", "1", "--pack", "4", *FAST,
+            "--executor", "debug", "--name", "p4", "--results-dir", str(tmp_path)]  # fmt: skip
+    res = runner.invoke(app, args)
+    assert res.exit_code == 1, res.output  # a diverged run fails the sweep
+    assert "1 task(s) completed, 0 failed; 1 run(s) failed" in res.output  # one task ...
+    [(done, total, counts)] = bar_lines(res.output)  # ... and four runs
+    assert (done, total) == (4, 4), res.output
+    best = max(float(x) for x in re.findall(r"completed\s+([\d.]+)%", res.output))
+    assert counts.startswith(f"3 completed, 1 failed, best {best:.2f}%"), counts
+
+    waited = runner.invoke(app, ["status", "p4", "--wait", "--results-dir", str(tmp_path)])
+    assert waited.exit_code == 0, waited.output
+    assert bar_lines(waited.output) == [(4, 4, f"3 completed, 1 failed, best {best:.2f}%")]
+    plain = runner.invoke(app, ["status", "p4", "--results-dir", str(tmp_path)])
+    assert bar_lines(plain.output) == [(4, 4, f"3 completed, 1 failed, best {best:.2f}%")]
+
+
+def test_an_unpacked_sweep_counts_the_same(tmp_path):
+    args = ["sweep", "--lr", "0.05,0.1", *FAST, "--executor", "debug", "--name", "u",
+            "--results-dir", str(tmp_path)]  # fmt: skip
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    [(done, total, counts)] = bar_lines(res.output)
+    assert (done, total) == (2, 2) and counts.startswith("2 completed, 0 failed, best "), res.output
+
+
+def test_the_runs_bar_of_a_sweep_in_flight():
+    """What `status --wait` shows while a SLURM sweep runs: done = completed + failed (+ missing)."""
+    rows = [
+        {"state": RunState.COMPLETED, "test_accuracy": 91.234},
+        {"state": RunState.COMPLETED, "test_accuracy": 88.0},
+        {"state": RunState.FAILED, "test_accuracy": None},
+        {"state": RunState.RUNNING, "test_accuracy": None},
+        {"state": RunState.RUNNING, "test_accuracy": None},
+        {"state": RunState.PENDING, "test_accuracy": None},
+    ]
+    out = StringIO()
+    Console(file=out, width=120).print(_runs_bar(rows))
+    assert bar_lines(out.getvalue()) == [(3, 6, "2 completed, 1 failed, 1 pending, 2 running, best 91.23%")]
+    out = StringIO()
+    Console(file=out, width=120).print(_runs_bar([{"state": RunState.PENDING, "test_accuracy": None}] * 4))
+    assert bar_lines(out.getvalue()) == [(0, 4, "0 completed, 0 failed, 4 pending")]
+
+
+@pytest.mark.slurm
+def test_status_wait_counts_the_runs_of_a_packed_slurm_sweep(cluster, results):
+    """On the real cluster: 4 runs in 2 packs; `status --wait` follows them to the end and counts
+    4/4 runs (not 2/2 tasks), all completed, with the best accuracy."""
+    args = ["sweep", "--lr", "0.01,0.02,0.05,0.1", "--pack", "2", "--partition", "gpu", *FAST,
+            "--name", "packwait", "--results-dir", str(results)]  # fmt: skip
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0 and "submitted 4 run(s) as 2 task(s)" in res.output, res.output
+    waited = runner.invoke(app, ["status", "packwait", "--wait", "--results-dir", str(results)])
+    assert waited.exit_code == 0, waited.output
+    [(done, total, counts)] = bar_lines(waited.output)
+    assert (done, total) == (4, 4), waited.output
+    assert re.fullmatch(r"4 completed, 0 failed, best \d+\.\d\d%", counts), counts
