@@ -1,7 +1,7 @@
 """Launching a sweep from the login node (or a laptop): typed options -> a plan -> SLURM or here.
 
     opts = SweepOptions.from_sources(training=..., slurm=..., config_file=path, ...)  # validated once
-    plan = make_plan(opts)                 # the grid, run ids, sweep folder
+    plan = make_plan(opts)                 # the grid (and sampled points), run ids, sweep folder
     preflight(plan)                        # will this run / will SLURM take it? nothing written yet
     todo, skipped = plan.todo()            # resume: what is left to do
     tasks, groups = make_tasks(plan, todo) # one TrainTask per run or per pack

@@ -8,6 +8,8 @@ import json
 import math
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from mnist_jobs.cli import app
@@ -221,3 +223,39 @@ def test_grid_values_refuses_a_search():
 
     with pytest.raises(ConfigError, match="a random search, not a grid"):
         grid_values({"lr": "uniform:0.1:1"}, {"samples": 2})
+
+
+NUMBERS = st.one_of(
+    st.floats(allow_nan=True, allow_infinity=True).map(repr),
+    st.integers(min_value=-(10**20), max_value=10**20).map(str),
+    st.sampled_from(["0", "1", "0.99", "1e-4", "1e309", "5e-324", "", " 2 ", "x", "1:2"]),
+)
+SPECS = st.tuples(
+    st.sampled_from(["uniform", "loguniform", "LogUniform", "normal", ""]), NUMBERS, NUMBERS
+).map(":".join)
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow], database=None)
+@given(
+    option=st.sampled_from(
+        ["--lr", "--momentum", "--weight-decay", "--batch-size", "--iters", "--seed", "--model"]
+    ),
+    spec=st.one_of(SPECS, st.text(max_size=12)),
+    samples=st.one_of(st.none(), st.integers(min_value=-3, max_value=12), st.just(10**30)),
+    search_seed=st.one_of(st.none(), st.integers(min_value=-(2**70), max_value=2**70)),
+)
+def test_fuzz_search_specs(option, spec, samples, search_seed):
+    """Whatever the spec, a dry run exits 0 (and lists the runs) or 2 with one line, no traceback."""
+    args = ["sweep", option, spec, "--device", "cpu", "--dry-run", "--results-dir", "/nonexistent/r"]
+    if samples is not None:
+        args += ["--samples", str(samples)]
+    if search_seed is not None:
+        args += ["--search-seed", str(search_seed)]
+    res = runner.invoke(app, args)
+    assert res.exception is None or isinstance(res.exception, SystemExit), (args, repr(res.exception))
+    assert "Traceback" not in res.output and res.exit_code in (0, 2), (args, res.exit_code, res.output)
+    if res.exit_code == 2:
+        lines = [line for line in res.output.splitlines() if line.strip()]
+        assert len(lines) == 1 and lines[0].startswith("Error: "), (args, res.output)
+    else:
+        assert "dry run: nothing submitted" in res.output
