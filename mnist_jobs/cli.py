@@ -12,6 +12,7 @@ import inspect
 import json
 import sys
 import time
+import typing
 from pathlib import Path
 from typing import Annotated, Any, NoReturn, Optional
 
@@ -192,7 +193,10 @@ def _slurm_options(command):
         inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation, default=default)
         for name, (annotation, default) in SLURM_OPTIONS.items()
     ]
-    params = [p for p in sig.parameters.values() if p.name != "slurm"]
+    # the annotations as objects, not this module's strings (`from __future__ import annotations`):
+    # typer reads the options' help from them, and cannot resolve strings through this wrapper
+    hints = typing.get_type_hints(command, include_extras=True)
+    params = [p.replace(annotation=hints[p.name]) for p in sig.parameters.values() if p.name != "slurm"]
 
     @functools.wraps(command)
     def with_slurm(**kwargs: Any) -> Any:
