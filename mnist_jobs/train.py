@@ -15,6 +15,9 @@ Checkpoints (see checkpoint.py): a run finding its checkpoint (`<run_id>.ckpt.pt
 `pack-<hash>.ckpt.pt`) resumes from it; with `checkpoint_every=N` it writes one every N iterations;
 when `stop` (an Event the job's signal handlers set) is set, it writes one at the next iteration
 boundary and raises `Interrupted`, writing no result.
+
+TensorBoard (see tblog.py): rank 0 writes each run's evaluations and hyperparameters to
+`<results_dir>/tb/<run_id>/`, every step once across resumes, when the tensorboard package is there.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from torch.nn import functional as F
 
 from . import checkpoint as ckpt
 from . import data as mnist_data
+from . import tblog
 from .config import TrainConfig
 from .device import SINGLE, DistInfo, all_reduce_sum, device_name, process_group, rank_device, synchronize
 from .packed import PackError, check_pack_fits, check_same_pack_keys
@@ -188,6 +192,7 @@ def train_pack(
     requeues: int = 0,
     max_requeues: int | None = None,
     exact: bool | None = None,
+    tensorboard: bool | None = None,
 ) -> list[dict[str, Any]]:
     """Train `configs` together (one, or several sharing packed.PACK_KEYS) and write one result per
     run; return the records (with `result_path`).
@@ -198,6 +203,7 @@ def train_pack(
     record, or given per run as a list. A pack's records add `packed_with` (the other run ids).
     `exact` (packs only): True computes every model with its lone run's own kernel calls, bit-identical
     on CPU; False batches GEMMs / convolutions over the pack; default: see `packed`.
+    `tensorboard`: write TensorBoard logs (tblog.py); None: unless $MNIST_JOBS_TENSORBOARD=0.
 
     Divergence: a run whose train or test loss is not finite at an evaluation has diverged. Its
     record is "failed" with error type "Diverged" and `metrics.diverged_at_iteration`; the others of a
@@ -227,9 +233,12 @@ def train_pack(
         records.append(rec)
     paths = [result_path(results_dir, rid) for rid in run_ids]
     histories: list[list[dict[str, Any]]] = [[] for _ in configs]
+    tb = tblog.RunLogs(results_dir, run_ids, configs, enabled=dist.is_main and tblog.wanted(tensorboard))
     t_start = time.perf_counter()
     try:
-        _run(configs, records, histories, data_dir, progress, t_start, dist, paths, ckpt_file, stop, exact)
+        _run(
+            configs, records, histories, data_dir, progress, t_start, dist, paths, ckpt_file, stop, exact, tb
+        )
         for rec in records:
             rec["status"] = "failed" if rec["error"] else "completed"  # error: set for diverged runs
     except Interrupted as e:
@@ -249,6 +258,9 @@ def train_pack(
         raise
     finally:
         finished = utc_now()
+        tb.close()
+        for m, rec in enumerate(records):
+            rec["tensorboard"] = tb.dir_of(m)  # None: not logged (off, not installed, not rank 0)
         for rec, path in zip(records, paths):
             rec["finished_at"] = finished
             earlier = rec["timings"].get("earlier_attempts_s", 0.0)  # when resumed: the time before
@@ -339,7 +351,7 @@ class LoopState:
 
 
 def _run(
-    configs, records, histories, data_dir, progress, t_start, dist, paths, ckpt_file, stop, exact
+    configs, records, histories, data_dir, progress, t_start, dist, paths, ckpt_file, stop, exact, tb
 ) -> None:
     # -- what: one config, or a pack of configs sharing everything but lr, momentum, weight decay, seed
     n = len(configs)
@@ -403,6 +415,7 @@ def _run(
                     f"resuming {', '.join(run_ids)} from {ckpt_file} at iteration {loop.iteration}",
                     flush=True,
                 )
+        tb.start(histories, loop.iteration if saved is not None else None)  # rank 0 (tb is off elsewhere)
 
         def save_checkpoint() -> None:
             mine = {"rng": ckpt.rng_state(device), "loss_sum": loop.loss_sum.detach().cpu()}
@@ -455,6 +468,7 @@ def _run(
                             "test_accuracy": _rounded(accs[m], 4),
                         }
                     )
+                    tb.add(m, histories[m][-1])
                 loop.loss_sum.zero_()
                 loop.loss_count = 0
                 if dist.is_main:

@@ -166,7 +166,7 @@ def test_a_diverged_lone_run_is_a_failed_record_in_strict_json(tmp_path):
     assert [(h["iteration"], h["train_loss"], h["test_loss"]) for h in m["history"]] == [(50, None, None)]
     assert rec["model_path"] is None and not (tmp_path / "boom.pt").exists()
     assert rec["finished_at"] is not None
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["boom.json"]  # no checkpoint, no temp file
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["boom.json", "tb"]  # no checkpoint, no temp
 
 
 def test_a_pack_marks_only_its_diverged_model(tmp_path):
