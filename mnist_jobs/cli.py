@@ -831,7 +831,7 @@ def report(
         str,
         typer.Option(
             "--format",
-            help="table, csv, json or markdown (plain data on stdout, fixed columns).",
+            help="table, csv, json or markdown (plain data on stdout, fixed columns), or html (one self-contained page on stdout: the table and the plot embedded).",
             metavar="FORMAT",
         ),
     ] = "table",
@@ -866,9 +866,10 @@ def report(
         "json": rep.to_json,
         "markdown": rep.to_markdown,
         "md": rep.to_markdown,
+        "html": rep.to_html,
     }
     if fmt not in formats:
-        fail(f"--format must be table, csv, json or markdown (got {fmt!r})")
+        fail(f"--format must be table, csv, json, markdown or html (got {fmt!r})")
     try:
         result = rep.make_report(
             path,

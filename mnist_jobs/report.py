@@ -2,8 +2,8 @@
 
     rep = make_report("results/lr-study", sort="test_accuracy", top=10)
     console.print(build_table(rep))      # the CLI prints; nothing here writes to a terminal
-    text = to_csv(rep)                   # also to_json, to_markdown
-    plot(rep, "lr-study.png")            # matplotlib, imported only here
+    text = to_csv(rep)                   # also to_json, to_markdown, to_html (a page, plot embedded)
+    plot(rep, "lr-study.png")            # matplotlib, imported only here (figure(rep): the Figure)
 
 Each run becomes a flat dict (config keys, `device`, `world_size`, metrics, timings, status). Completed
 runs that differ only in the keys averaged over (by default: the seed) share one row with mean ± std and
@@ -14,7 +14,9 @@ listed one per row with `include_all`. Files that are not readable results are s
 
 from __future__ import annotations
 
+import base64
 import csv
+import html
 import io
 import math
 import re
@@ -628,15 +630,81 @@ def to_markdown(rep: Report) -> str:
     return "\n".join(out).rstrip() + "\n"
 
 
+# ---- html ----------------------------------------------------------------------------------------
+
+HTML_STYLE = """
+body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2em; color: #222; }
+h1 { font-size: 1.25em; font-weight: 600; }
+table { border-collapse: collapse; margin: 1em 0; }
+th, td { padding: 0.3em 0.8em; border-bottom: 1px solid #ddd; text-align: left; vertical-align: top; }
+th { border-bottom: 2px solid #888; }
+td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; }
+tr.best td { font-weight: bold; color: #0a7a2f; }
+tr.other td { color: #777; }
+tr.first-other td { border-top: 2px solid #888; }
+p.caption { margin: 0.2em 0; color: #444; }
+figure { margin: 1.5em 0; }
+figure img { max-width: 100%; height: auto; }
+"""
+NUM_CLASS = ' class="num"'
+
+
+def to_html(rep: Report, *, plots: bool = True) -> str:
+    """One self-contained page: the table (the terminal table's columns plus the run ids; the best row
+    bold green, unfinished runs grey), its caption, and the plot as a PNG embedded in a data: URI. It
+    loads nothing else (no file, script, style sheet or font from anywhere). Without matplotlib, or
+    with no completed run to plot, a line says so where the plot would be."""
+    e = html.escape
+    extras = extra_columns(rep)
+    headers = [*table_headers(rep), "runs"]
+    right = set(rep.columns) - {"model", "optimizer"} | {"test acc %", "test loss", "train s", "n", "world"}
+
+    def cells(tag: str, values: Iterable[str]) -> str:
+        return "".join(
+            f"<{tag}{NUM_CLASS if h in right else ''}>{e(v)}</{tag}>" for h, v in zip(headers, values)
+        )
+
+    body = [f"<thead><tr>{cells('th', headers)}</tr></thead>", "<tbody>"]
+    best = rep.best
+    for i, row in enumerate(rep.all_rows):
+        other = i >= len(rep.rows)
+        kind = "best" if i == best else "other" if other else "done"
+        if other and i == len(rep.rows) and rep.rows:
+            kind += " first-other"
+        values = [*table_cells(row, rep.columns, extras), ", ".join(row["run_ids"])]
+        body.append(f'<tr class="{kind}">{cells("td", values)}</tr>')
+    body.append("</tbody>")
+    figure_html = ""
+    if plots:
+        try:
+            png = base64.b64encode(plot_png(rep)).decode("ascii")
+            alt = "test accuracy against each swept setting, and test accuracy during training"
+            figure_html = f'<figure><img alt="{e(alt)}" src="data:image/png;base64,{png}"></figure>'
+        except ReportError as err:
+            figure_html = f'<p class="caption">No plot: {e(str(err))}</p>'
+    caption = "".join(f'<p class="caption">{e(line)}</p>' for line in caption_lines(rep))
+    title = f"mnist-jobs report: {rep.root}"
+    return (
+        "<!DOCTYPE html>\n"
+        f'<html lang="en"><head><meta charset="utf-8"><title>{e(title)}</title>'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<style>{HTML_STYLE}</style></head>\n<body>\n<h1>{e(title)}</h1>\n"
+        f'<table id="report">{"".join(body)}</table>\n{caption}\n{figure_html}\n</body></html>\n'
+    )
+
+
 # ---- plot ----------------------------------------------------------------------------------------
+
+PLOT_DPI = 110
 
 
 def _label(values: dict[str, Any]) -> str:
     return ", ".join(f"{k}={fmt_value(v)}" for k, v in values.items()) or "all runs"
 
 
-def plot(rep: Report, path: Path | str, *, max_lines: int = 6, max_curves: int = 8) -> Path:
-    """A PNG: test accuracy vs each swept hyperparameter (error bars: std over seeds), and the mean
+def figure(rep: Report, *, max_lines: int = 6, max_curves: int = 8) -> Any:
+    """The plot as a matplotlib Figure (not saved): test accuracy vs each swept hyperparameter (error
+    bars: std over seeds; a log axis where its values span a decade or more, as lrs do), and the mean
     test-accuracy curve of the best rows from the runs' histories. Needs matplotlib (the `plot` extra)."""
     try:
         from matplotlib.figure import Figure
@@ -665,10 +733,33 @@ def plot(rep: Report, path: Path | str, *, max_lines: int = 6, max_curves: int =
         shown = [f"{k}={fmt_value(v)}" for k, v in rep.constants.items() if k != "seed"]
         title += "\n" + "  ".join(shown)
     fig.suptitle(title, fontsize=10)
+    return fig
+
+
+def plot(rep: Report, path: Path | str, *, max_lines: int = 6, max_curves: int = 8) -> Path:
+    """`figure`, written to path (PNG, or another format by its suffix)."""
+    fig = figure(rep, max_lines=max_lines, max_curves=max_curves)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=PLOT_DPI)
     return path
+
+
+def plot_png(rep: Report, **kwargs: Any) -> bytes:
+    """`figure` as PNG bytes (for the HTML page)."""
+    buf = io.BytesIO()
+    figure(rep, **kwargs).savefig(buf, format="png", dpi=PLOT_DPI)
+    return buf.getvalue()
+
+
+def log_axis(xs: Sequence[Any]) -> bool:
+    """A swept setting's axis is logarithmic when its values are positive numbers spanning a decade or
+    more (0.001, 0.01 is one: 10x, allowing float rounding; 0.01, 0.05 is not)."""
+    nums = [_num(x) for x in xs]
+    positive = [v for v in nums if v is not None and v > 0]
+    if not positive or len(positive) < len(nums):
+        return False
+    return max(positive) / min(positive) >= 10 * (1 - 1e-9)
 
 
 def _plot_sweep(ax: Any, runs: list[dict[str, Any]], key: str, others: list[str], max_lines: int) -> None:
@@ -694,7 +785,7 @@ def _plot_sweep(ax: Any, runs: list[dict[str, Any]], key: str, others: list[str]
                 pe.append(std or 0.0)
         label = _label(dict(zip(others, combo))) if others else (combo[0] if combo else "all runs")
         ax.errorbar(px, py, yerr=pe, marker="o", capsize=4, label=str(label))
-    if numeric and min(xs) > 0 and max(xs) / min(xs) >= 10:
+    if numeric and log_axis(xs):
         ax.set_xscale("log")
     if not numeric:
         ax.set_xticks(range(len(xs)), [str(x) for x in xs])

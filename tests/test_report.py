@@ -354,6 +354,23 @@ def test_plot_writes_a_png_of_the_sweep(sweep_dir, tmp_path):
     assert "0.01" in r.stdout  # the table is still printed
 
 
+def test_plot_lr_axis_is_logarithmic_when_the_lrs_span_a_decade(sweep_dir, folder):
+    pytest.importorskip("matplotlib")
+    fig = rep.figure(rep.make_report(sweep_dir))  # lr 0.01 and 0.1: one decade
+    lr_axis, curves = fig.axes[0], fig.axes[1]
+    assert lr_axis.get_xlabel() == "lr" and lr_axis.get_xscale() == "log"
+    assert curves.get_xlabel() == "iteration" and curves.get_xscale() == "linear"
+    for seed in SEEDS:  # lr 0.01 and 0.05: less than a decade, a linear axis
+        path = folder / f"{run_id(0.1, seed)}.json"
+        data = json.loads(path.read_text())
+        data["config"]["lr"] = 0.05
+        path.write_text(json.dumps(data))
+    lr_axis = rep.figure(rep.make_report(folder)).axes[0]
+    assert lr_axis.get_xlabel() == "lr" and lr_axis.get_xscale() == "linear"
+    assert rep.log_axis([0.001, 0.01]) and rep.log_axis([1e-4, 3e-4, 1e-3]) and rep.log_axis([0.3, 0.03])
+    assert not rep.log_axis([0.01, 0.05]) and not rep.log_axis([0.0, 0.9]) and not rep.log_axis(["a", "b"])
+
+
 def test_plot_without_matplotlib_says_how_to_get_it(sweep_dir, tmp_path, monkeypatch):
     import sys
 
