@@ -135,6 +135,45 @@ def process_group(dist: DistInfo, device: torch.device) -> Iterator[str | None]:
             tdist.destroy_process_group()
 
 
+class PeerLost(RuntimeError):
+    """A DDP rank lost its peers (a node died, a rank was killed, the network went away) before the run
+    ended: nothing is wrong with the run itself. No record is written; the last checkpoint carries the
+    run, and whatever starts the job again (SLURM's requeue of a failed node's job, or `sweep` run
+    again) resumes it from there."""
+
+
+# What torch.distributed raises when a peer is gone: its own network/store errors, and gloo's / NCCL's
+# transport errors (plain RuntimeErrors) for a reset or closed connection or a collective that timed out.
+_PEER_LOST_MESSAGES = (
+    "connection reset",
+    "connection closed",
+    "broken pipe",
+    "timed out",
+    "timeout",
+    "no route to host",
+    "connection refused",
+    "gloo/transport",
+    "nccl communicator was aborted",
+)
+
+
+def is_peer_lost(error: BaseException) -> bool:
+    """Whether `error`, raised in a distributed run, says a peer is gone rather than the run failed."""
+    import torch.distributed as tdist
+
+    if isinstance(error, PeerLost):
+        return True
+    lost_types = tuple(
+        t for t in (getattr(tdist, n, None) for n in ("DistNetworkError", "DistStoreError")) if t
+    )
+    if lost_types and isinstance(error, lost_types):
+        return True
+    if not isinstance(error, RuntimeError):
+        return False
+    message = str(error).lower()
+    return any(m in message for m in _PEER_LOST_MESSAGES)
+
+
 def all_reduce_sum(*tensors: torch.Tensor) -> None:
     import torch.distributed as tdist
 

@@ -287,10 +287,21 @@ def scheduler_states(job_ids: list[str]) -> dict[str, str] | None:
         if out.returncode == 0:
             info = SlurmInfoWatcher().read_info(out.stdout)
             states = {j: (stats.get("State") or "UNKNOWN").split()[0] for j, stats in info.items()}
-            return {j: states.get(j, states.get(j.split("_")[0], "UNKNOWN")) for j in ids}
+            found = {j: states.get(j, states.get(j.split("_")[0], "UNKNOWN")) for j in ids}
+            # a job SLURM has just requeued (node failure, preemption) is still listed by sacct as its
+            # last attempt ended (NODE_FAIL...) until the next one starts: the queue knows better
+            return {**found, **{j: s for j, s in (_squeue_states() or {}).items() if j in found}}
     except (OSError, subprocess.SubprocessError):
         pass
-    try:  # no accounting: squeue knows only live jobs
+    live = _squeue_states()  # no accounting: squeue knows only live jobs
+    if live is None:
+        return None
+    return {j: live.get(j, "GONE") for j in ids}
+
+
+def _squeue_states() -> dict[str, str] | None:
+    """The state of every job in the queue (array tasks one by one), or None if squeue fails."""
+    try:
         out = subprocess.run(
             ["squeue", "-h", "-r", "-o", "%i|%T"], capture_output=True, text=True, timeout=30
         )
@@ -298,8 +309,47 @@ def scheduler_states(job_ids: list[str]) -> dict[str, str] | None:
         return None
     if out.returncode != 0:
         return None
-    live = dict(line.split("|", 1) for line in out.stdout.splitlines() if "|" in line)
-    return {j: live.get(j, "GONE") for j in ids}
+    return dict(line.split("|", 1) for line in out.stdout.splitlines() if "|" in line)
+
+
+def job_histories(job_ids: list[str]) -> dict[str, list[dict[str, str]]]:
+    """Every attempt of each job, oldest first (`sacct -D`: a requeued job's earlier attempts too, e.g.
+    NODE_FAIL then RUNNING), each with its state and node list; {} when sacct does not answer."""
+    ids = sorted({j.split("_")[0] for j in job_ids if j})
+    if not ids or shutil.which("sacct") is None:
+        return {}
+    try:
+        out = subprocess.run(
+            ["sacct", "-n", "-P", "-X", "-D", "-o", "JobID,State,NodeList", "-j", ",".join(ids)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    if out.returncode != 0:
+        return {}
+    history: dict[str, list[dict[str, str]]] = {}
+    for line in out.stdout.splitlines():
+        fields = line.strip().split("|")
+        if len(fields) != 3 or not fields[1]:
+            continue
+        job, state, nodes = fields
+        history.setdefault(job, []).append({"state": state.split()[0], "nodes": nodes})
+    return history
+
+
+def attempts_note(attempts: list[dict[str, str]]) -> str:
+    """What happened to a job before its current attempt, for `status`: e.g. 'NODE_FAIL on mjnode[1-2],
+    requeued'. Empty for a job that ran once."""
+    earlier = attempts[:-1]
+    if not earlier:
+        return ""
+    notes = []
+    for a in earlier:
+        where = f" on {a['nodes']}" if a["nodes"] and a["nodes"] != "None assigned" else ""
+        notes.append(f"{a['state']}{where}")
+    return f"{', '.join(notes)}; requeued {len(earlier)}x"
 
 
 def cancel_jobs(job_ids: list[str]) -> None:

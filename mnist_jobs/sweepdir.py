@@ -413,11 +413,14 @@ def run_states(folder: Path) -> list[dict[str, Any]]:
     """One row per run of a sweep: run id, config, job id, state, accuracy."""
     manifest = load_manifest(folder)
     runs = manifest["runs"]
-    sched = None
-    from .slurm import scheduler_states
+    sched, histories = None, {}
+    from .slurm import attempts_note, job_histories, scheduler_states
 
     if manifest.get("executor") == "slurm":
-        sched = scheduler_states([r.get("job_id") for r in runs.values() if r.get("job_id")])
+        job_ids = [r.get("job_id") for r in runs.values() if r.get("job_id")]
+        sched = scheduler_states(job_ids)
+        if sched is not None:
+            histories = job_histories(job_ids)  # requeues (node failure, preemption) seen by SLURM
     rows = []
     for run_id, info in runs.items():
         status, data = result_status(folder, run_id)
@@ -458,6 +461,7 @@ def run_states(folder: Path) -> list[dict[str, Any]]:
                 "state": shown,
                 "test_accuracy": acc,
                 "error": (data or {}).get("error", {}) and data["error"].get("message"),
+                "history": attempts_note(histories.get(job_id, [])) if job_id else "",
             }
         )
     return rows

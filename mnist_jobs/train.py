@@ -26,6 +26,7 @@ import io
 import json
 import math
 import shutil
+import socket
 import threading
 import time
 import traceback
@@ -42,7 +43,17 @@ from . import checkpoint as ckpt
 from . import data as mnist_data
 from . import tblog
 from .config import TrainConfig
-from .device import SINGLE, DistInfo, all_reduce_sum, device_name, process_group, rank_device, synchronize
+from .device import (
+    SINGLE,
+    DistInfo,
+    PeerLost,
+    all_reduce_sum,
+    device_name,
+    is_peer_lost,
+    process_group,
+    rank_device,
+    synchronize,
+)
 from .packed import PackError, check_pack_fits, check_same_pack_keys
 from .results import (
     RESULT_KIND,
@@ -156,7 +167,7 @@ def new_record(config: TrainConfig, run_id: str, extra: dict[str, Any] | None = 
         "timings": {},
         "env": environment(),
         "slurm": slurm_environment(),
-        "distributed": {"world_size": 1, "backend": None, "nodes": 1, "tasks_per_node": 1},
+        "distributed": {"world_size": 1, "backend": None, "nodes": 1, "tasks_per_node": 1, "hosts": []},
         "packed_with": [],
         "started_at": utc_now(),
         "finished_at": None,
@@ -248,6 +259,18 @@ def train_pack(
         e.records = records
         raise
     except BaseException as e:
+        if dist.distributed and is_peer_lost(e) and not _a_peer_failed(paths[0], dist):
+            # a node died / a rank was killed: not the run's failure. No record (the last checkpoint
+            # carries the run); the job fails, and SLURM's requeue or the next `sweep` resumes it
+            for rec, history in zip(records, histories):
+                rec["status"] = "interrupted"
+                rec["metrics"].setdefault("history", history)
+            first_line = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+            raise PeerLost(
+                f"rank {dist.rank} on {socket.gethostname()}: lost its peers ({first_line}); no result "
+                f"written, the checkpoint {ckpt_file.name} is kept: the run resumes from it when the "
+                "job is requeued or the sweep is run again"
+            ) from e
         err = error_info(e)
         for rec, history in zip(records, histories):
             rec["status"] = "failed"
@@ -274,6 +297,16 @@ def train_pack(
     if all(rec["status"] == "failed" and rec["error"]["type"] == "Diverged" for rec in records):
         raise Diverged(records[0]["error"]["message"], records)  # every run diverged: the job fails
     return records
+
+
+def _a_peer_failed(path: Path, dist: DistInfo) -> bool:
+    """Rank 0, on a lost connection: did a peer fail first (and leave its error, see _share_rank_error)?
+    Then the run failed (the peer's error is the record's). Other ranks: never a failure of theirs."""
+    if not dist.is_main:
+        return False
+    time.sleep(1.0)  # let a crashing peer finish writing
+    errors = path.with_name(f".{path.stem}.rank-errors")
+    return errors.is_dir() and any(errors.glob("rank*.json"))
 
 
 def _share_rank_error(path: Path, dist: DistInfo, record: dict[str, Any]) -> None:
@@ -376,12 +409,14 @@ def _run(
     every = records[0]["checkpointing"]["every"]
 
     with process_group(dist, device) as backend:
+        hosts = _gather(socket.gethostname(), dist)  # where each rank runs, in rank order
         for rec in records:
             rec["distributed"] = {
                 "world_size": dist.world_size,
                 "backend": backend,
                 "nodes": dist.nodes,
                 "tasks_per_node": dist.local_world_size,
+                "hosts": hosts,
             }
         # -- data, decoded once and kept on the device
         ds = mnist_data.load(data_dir, device=device)

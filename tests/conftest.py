@@ -22,10 +22,22 @@ def data_copy(tmp_path: Path) -> Path:
     return tmp_path / "data"
 
 
+# The SLURM tests share one real cluster of CLUSTER_NODES nodes (slurm/cluster.sh): each node a slurmd
+# with its own hostname and address (network + UTS namespaces on a private bridge), all on this
+# filesystem. Three, so that a 2-node job whose node dies can be requeued onto the other two.
+CLUSTER_NODES = int(os.environ.get("MNIST_JOBS_TEST_NODES", "3"))
+
+
 @pytest.fixture(scope="session")
-def cluster():
-    """The real one-node SLURM cluster, started once per session and stopped at the end."""
-    started = subprocess.run(["bash", str(CLUSTER), "start"], capture_output=True, text=True, timeout=600)
+def cluster() -> list[str]:
+    """The real SLURM cluster, started once per session and stopped at the end (pass or fail): its
+    node names."""
+    started = subprocess.run(
+        ["bash", str(CLUSTER), "start", "--nodes", str(CLUSTER_NODES)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     if started.returncode != 0:
         msg = f"cannot start the SLURM test cluster:\n{started.stdout[-3000:]}\n{started.stderr[-3000:]}"
         subprocess.run(["bash", str(CLUSTER), "stop"], capture_output=True, timeout=120)
@@ -33,7 +45,8 @@ def cluster():
             pytest.fail(msg)
         pytest.skip(msg)
     try:
-        yield
+        nodes = subprocess.run(["bash", str(CLUSTER), "nodes"], capture_output=True, text=True, check=True)
+        yield nodes.stdout.split()
     finally:
         subprocess.run(["bash", str(CLUSTER), "stop"], capture_output=True, timeout=120)
 

@@ -3,6 +3,7 @@
 import json
 import multiprocessing as mp
 import os
+import socket
 import time
 
 import pytest
@@ -41,7 +42,14 @@ def test_two_processes_match_one_through_submitit_local(tmp_path):
     [ddp_json] = (tmp_path / "ddp").glob("*/logreg-*.json")
     ddp = json.loads(ddp_json.read_text())
     assert ddp["status"] == "completed"
-    assert ddp["distributed"] == {"world_size": 2, "backend": "gloo", "nodes": 1, "tasks_per_node": 2}
+    host = socket.gethostname()
+    assert ddp["distributed"] == {
+        "world_size": 2,
+        "backend": "gloo",
+        "nodes": 1,
+        "tasks_per_node": 2,
+        "hosts": [host, host],  # every rank's host, in rank order
+    }
 
     cfg = TrainConfig(lr=0.05, momentum=0.9, batch_size=100, iters=200, eval_every=100, seed=7, device="cpu")
     single = train(cfg, results_dir=tmp_path / "one", run_id="one")
