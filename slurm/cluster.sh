@@ -27,6 +27,9 @@
 #   MNIST_JOBS_SLURM_BRIDGE      the private bridge (mjbr0)
 #   MNIST_JOBS_SLURM_SUBNET      its /24: the controller is .1, node i is .(10+i) (10.251.0)
 #   MNIST_JOBS_SLURM_CTLD_PORT / _SLURMD_PORT / _DBD_PORT   SLURM's ports (6817 / 6818 / 6819)
+#   MNIST_JOBS_SLURM_CONF_DIR    where the configs go (/etc/slurm); elsewhere, use `eval "$(... env)"`
+# A second cluster beside a running one: its own MNIST_JOBS_SLURM_DIR, _CONF_DIR, _DB_PORT, the three
+# SLURM ports, _NODE_PREFIX, _BRIDGE and _SUBNET (tests/test_multinode.py starts one so).
 #
 # Needs root (re-executes itself with sudo when available). Templates: slurm/*.conf.in.
 set -euo pipefail
@@ -35,7 +38,10 @@ export PATH="$PATH:/usr/sbin:/sbin"
 
 SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 STATE_DIR=${MNIST_JOBS_SLURM_DIR:-/tmp/mnist-jobs-slurm}
-CONF_DIR=/etc/slurm            # default path: sbatch/squeue/sacct find it without SLURM_CONF
+# Default /etc/slurm: sbatch/squeue/sacct (and submitit) find it without SLURM_CONF. Another dir (a
+# second cluster beside the first) is used through SLURM_CONF, by the daemons and by `env`'s lines.
+CONF_DIR=${MNIST_JOBS_SLURM_CONF_DIR:-/etc/slurm}
+if [[ $CONF_DIR != /etc/slurm ]]; then export SLURM_CONF="$CONF_DIR/slurm.conf"; fi
 CLUSTER=mnistjobs
 DB_PORT=${MNIST_JOBS_SLURM_DB_PORT:-3307}
 MAX_ARRAY_SIZE=${MNIST_JOBS_SLURM_ARRAY_SIZE:-5}
@@ -694,8 +700,11 @@ cmd_status() {
 }
 
 cmd_env() {
-  # Configs are written to SLURM's default location /etc/slurm, so nothing needs exporting.
-  echo "# slurm.conf is at the default path $CONF_DIR/slurm.conf: no SLURM_CONF needed"
+  if [[ $CONF_DIR == /etc/slurm ]]; then
+    echo "# slurm.conf is at the default path $CONF_DIR/slurm.conf: no SLURM_CONF needed"
+  else
+    echo "export SLURM_CONF=$CONF_DIR/slurm.conf"
+  fi
 }
 
 cmd_nodes() {

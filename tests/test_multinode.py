@@ -265,3 +265,71 @@ def test_nodes_or_per_node_resources_beyond_the_partition_are_refused(cluster, r
     assert len(errors) == 1 and needle in errors[0], res.output
     assert "Traceback" not in res.output
     assert not [p for p in results.rglob("*") if p.is_file()]  # nothing written, nothing submitted
+
+
+SECOND = {
+    "MNIST_JOBS_SLURM_DIR": "/tmp/mnist-jobs-slurm-second",
+    "MNIST_JOBS_SLURM_CONF_DIR": "/tmp/mnist-jobs-slurm-second/conf",
+    "MNIST_JOBS_SLURM_DB_PORT": "3317",
+    "MNIST_JOBS_SLURM_CTLD_PORT": "6827",
+    "MNIST_JOBS_SLURM_SLURMD_PORT": "6828",
+    "MNIST_JOBS_SLURM_DBD_PORT": "6829",
+    "MNIST_JOBS_SLURM_NODE_PREFIX": "mjsecond",
+    "MNIST_JOBS_SLURM_BRIDGE": "mjbr9",
+    "MNIST_JOBS_SLURM_SUBNET": "10.251.9",
+}
+
+
+def _netns() -> set[str]:
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    return {line.split()[0] for line in out.splitlines() if line.strip()}
+
+
+def _daemons() -> dict[str, list[str]]:
+    names = ("slurmctld", "slurmd", "slurmdbd", "mariadbd", "mysqld", "munged")
+    return {
+        n: subprocess.run(["pgrep", "-x", n], capture_output=True, text=True).stdout.split() for n in names
+    }
+
+
+def test_a_second_cluster_on_other_ports_does_not_collide_and_stop_removes_all_it_added(cluster):
+    """A second 2-node cluster (own state dir, configs, ports, names, bridge) beside the running one:
+    both answer with their own nodes; stopping the second removes its daemons, namespaces, bridge and
+    /etc/hosts lines and leaves the first as it was."""
+    import os
+
+    env = {**os.environ, **SECOND}
+    hosts_before, netns_before, daemons_before = Path("/etc/hosts").read_text(), _netns(), _daemons()
+    try:
+        started = subprocess.run(
+            ["bash", str(CLUSTER), "start", "--nodes", "2"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert started.returncode == 0, started.stderr[-3000:]
+        conf = {**env, "SLURM_CONF": f"{SECOND['MNIST_JOBS_SLURM_CONF_DIR']}/slurm.conf"}
+        ran = subprocess.run(
+            ["srun", "-N2", "hostname"], env=conf, capture_output=True, text=True, timeout=60
+        )
+        assert sorted(ran.stdout.split()) == ["mjsecond1", "mjsecond2"], ran
+        assert {"mjsecond1", "mjsecond2"} <= _netns()
+        running = _daemons()
+        second_daemons = {n: sorted(set(running[n]) - set(daemons_before[n])) for n in running}
+        first = subprocess.run(["srun", "-N3", "hostname"], capture_output=True, text=True, timeout=60)
+        assert sorted(first.stdout.split()) == sorted(cluster), first  # the first cluster, unaffected
+    finally:
+        stopped = subprocess.run(
+            ["bash", str(CLUSTER), "stop"], env=env, capture_output=True, text=True, timeout=120
+        )
+    assert stopped.returncode == 0, stopped.stderr
+    assert Path("/etc/hosts").read_text() == hosts_before and _netns() == netns_before
+    assert subprocess.run(
+        ["ip", "link", "show", SECOND["MNIST_JOBS_SLURM_BRIDGE"]], capture_output=True
+    ).returncode
+    after = _daemons()
+    for name, pids in second_daemons.items():  # the second's slurmctld, slurmd x2, slurmdbd, mariadb
+        assert not set(pids) & set(after[name]), (name, pids, after[name])
+    assert second_daemons["slurmd"] and second_daemons["slurmctld"], second_daemons
+    assert subprocess.run(["bash", str(CLUSTER), "status"], capture_output=True).returncode == 0  # first: up
