@@ -84,6 +84,21 @@ Optimizer = Annotated[Optional[str], _opt("sgd or adam.", "NAME", _D.optimizer)]
 Lr = Annotated[Optional[str], _opt("Learning rate > 0.", "FLOAT", f"{_D.lr:g}")]
 Momentum = Annotated[Optional[str], _opt("SGD momentum >= 0.", "FLOAT", f"{_D.momentum:g}")]
 WeightDecay = Annotated[Optional[str], _opt("L2 weight decay >= 0.", "FLOAT", f"{_D.weight_decay:g}")]
+Schedule = Annotated[
+    Optional[str], _opt("Learning-rate schedule: constant, cosine or onecycle.", "NAME", _D.schedule)
+]
+Warmup = Annotated[
+    Optional[str],
+    _opt(
+        "Warm-up, a fraction of the iterations in [0, 1): linear for constant/cosine (default 0), "
+        "onecycle's rise from lr/25 (default 0.3).",
+        "FRACTION",
+    ),
+]
+Normalize = Annotated[
+    Optional[str],
+    _opt("on: standardise the images (MNIST mean 0.1307, std 0.3081); or off.", "on|off", "off"),
+]
 BatchSize = Annotated[Optional[str], _opt("Global batch size.", "INT", _D.batch_size)]
 Epochs = Annotated[Optional[str], _opt("Epochs over the 60k training images (instead of --iters).", "INT")]
 Iters = Annotated[Optional[str], _opt("Optimizer steps (3000 = 5 epochs of batch 100).", "INT", _D.iters)]
@@ -215,6 +230,9 @@ def train(
     lr: Lr = None,
     momentum: Momentum = None,
     weight_decay: WeightDecay = None,
+    schedule: Schedule = None,
+    warmup: Warmup = None,
+    normalize: Normalize = None,
     batch_size: BatchSize = None,
     epochs: Epochs = None,
     iters: Iters = None,
@@ -303,6 +321,9 @@ def sweep(
     lr: Lr = None,
     momentum: Momentum = None,
     weight_decay: WeightDecay = None,
+    schedule: Schedule = None,
+    warmup: Warmup = None,
+    normalize: Normalize = None,
     batch_size: BatchSize = None,
     epochs: Epochs = None,
     iters: Iters = None,

@@ -11,12 +11,15 @@ import hashlib
 import json
 import math
 import re
+import typing
 import unicodedata
 from dataclasses import dataclass, field
 from typing import Any
 
 MODELS = ("logreg", "cnn")
 OPTIMIZERS = ("sgd", "adam")
+SCHEDULES = ("constant", "cosine", "onecycle")  # the lr over a run: see schedule.py
+ONECYCLE_WARMUP = 0.3  # onecycle's default --warmup (torch's OneCycleLR pct_start)
 TRAIN_SIZE = 60_000
 TEST_SIZE = 10_000
 _DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
@@ -31,6 +34,13 @@ def option_name(field_name: str) -> str:
     return "--" + field_name.replace("_", "-")
 
 
+def _added(default: Any, before: Any | None = None) -> Any:
+    """A TrainConfig field added after run ids were first handed out: at `before` (what every run
+    before it did; default: `default`) it is left out of `config_id`, so earlier runs, sweeps and
+    checkpoints keep their ids, and a record without it reads as `before`."""
+    return field(default=default, metadata={"added": True, "before": default if before is None else before})
+
+
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig:
     """Everything that determines one training run (and so its result)."""
@@ -40,6 +50,9 @@ class TrainConfig:
     lr: float = 0.001
     momentum: float = 0.0
     weight_decay: float = 0.0
+    schedule: str = _added("constant")  # lr multiplied by schedule.lr_scale(config, step)
+    warmup: float | None = _added(None, before=0.0)  # a fraction of iters; resolved: always set
+    normalize: bool = _added(False)  # inputs (x - MNIST_MEAN) / MNIST_STD (data.load)
     batch_size: int = 100
     epochs: int | None = None
     iters: int | None = None  # resolved: always set after construction
@@ -55,6 +68,15 @@ class TrainConfig:
         if not 0.0 <= self.momentum < 1.0:  # momentum >= 1 never forgets a gradient: SGD diverges
             raise ConfigError(f"--momentum must be >= 0 and < 1 (got {self.momentum!r})")
         _check_number("weight_decay", self.weight_decay, float, minimum=0.0, maximum=MAX_HYPERPARAM)
+        _check_choice("schedule", self.schedule, SCHEDULES)
+        if self.warmup is None:
+            object.__setattr__(self, "warmup", ONECYCLE_WARMUP if self.schedule == "onecycle" else 0.0)
+        _check_number("warmup", self.warmup, float, minimum=0.0)
+        object.__setattr__(self, "warmup", float(self.warmup))
+        if not self.warmup < 1.0:
+            raise ConfigError(f"--warmup is a fraction of the iterations: >= 0 and < 1 (got {self.warmup!r})")
+        if not isinstance(self.normalize, bool):
+            raise ConfigError(f"--normalize must be on or off (got {self.normalize!r})")
         _check_number("batch_size", self.batch_size, int, minimum=1, maximum=TRAIN_SIZE)
         _check_number("seed", self.seed, int, minimum=0, maximum=2**64 - 1)  # torch's seed range
         _check_number("eval_every", self.eval_every, int, minimum=1)
@@ -86,6 +108,9 @@ class TrainConfig:
         """A short stable hash of the resolved config: the same config is the same run."""
         d = self.to_dict()
         d.pop("epochs")  # resolved into iters
+        for name, before in ADDED_BEFORE.items():  # options added later, at what runs did before them
+            if d[name] == before:
+                del d[name]
         blob = json.dumps(d, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:10]
 
@@ -113,25 +138,35 @@ def _check_number(
 
 # ---- parsing option text ------------------------------------------------------------------------
 
-_FIELD_TYPES: dict[str, type] = {
-    "model": str,
-    "optimizer": str,
-    "lr": float,
-    "momentum": float,
-    "weight_decay": float,
-    "batch_size": int,
-    "epochs": int,
-    "iters": int,
-    "seed": int,
-    "eval_every": int,
-    "device": str,
-}
+
+def _field_kind(hint: Any) -> type:
+    """str, int, float or bool from a field's annotation (`int | None` is int)."""
+    kinds = [a for a in typing.get_args(hint) if a is not type(None)]
+    return kinds[0] if kinds else hint
+
+
+# Every TrainConfig field is a training option (CLI, sweeps, TOML), typed by its annotation.
+_HINTS = typing.get_type_hints(TrainConfig)
+_FIELD_TYPES: dict[str, type] = {f.name: _field_kind(_HINTS[f.name]) for f in dataclasses.fields(TrainConfig)}
 TRAIN_FIELDS = tuple(_FIELD_TYPES)
+# Options added after the first run ids, and what a run did before each (see `_added`): left out of
+# config_id there; a record without one reads as that value (report.flatten).
+ADDED_BEFORE: dict[str, Any] = {
+    f.name: f.metadata["before"] for f in dataclasses.fields(TrainConfig) if f.metadata.get("added")
+}
+_TRUE, _FALSE = ("on", "true", "yes", "1"), ("off", "false", "no", "0")
 
 
 def parse_scalar(name: str, text: Any) -> Any:
     """Convert one value (text from the CLI or a TOML scalar) to the field's type."""
     kind = _FIELD_TYPES[name]
+    if kind is bool:  # on/off (true/false, yes/no, 1/0; a TOML boolean)
+        if isinstance(text, bool):
+            return text
+        word = str(text).strip().lower()
+        if word in _TRUE + _FALSE:
+            return word in _TRUE
+        raise ConfigError(f"{option_name(name)} must be on or off (got {str(text).strip()!r})")
     if kind is str:
         value = str(text).strip()
         return value.lower() if name != "device" else value

@@ -304,15 +304,22 @@ def load_uint8(data_dir: Path | str | None = None) -> tuple[torch.Tensor, ...]:
     return arrays
 
 
-def load(data_dir: Path | str | None = None, *, device: torch.device | str = "cpu") -> MnistTensors:
+MNIST_MEAN, MNIST_STD = 0.1307, 0.3081  # of the training pixels in [0, 1]: the usual Normalize()
+
+
+def load(
+    data_dir: Path | str | None = None, *, device: torch.device | str = "cpu", normalize: bool = False
+) -> MnistTensors:
     """Verify, decode (torchvision's MNIST reader, or its cached output), scale like ToTensor, move
-    to `device`."""
+    to `device`; with `normalize` (--normalize on) both splits are then standardised as
+    transforms.Normalize((0.1307,), (0.3081,)) does."""
     train_x, train_y, test_x, test_y = load_uint8(data_dir)
     device = torch.device(device)
 
     def images(u8: torch.Tensor) -> torch.Tensor:
         # Same values as transforms.ToTensor(): uint8 -> float32 / 255, shape (N, 1, 28, 28).
-        return u8.to(device).unsqueeze(1).float().div_(255.0)
+        x = u8.to(device).unsqueeze(1).float().div_(255.0)
+        return x.sub_(MNIST_MEAN).div_(MNIST_STD) if normalize else x
 
     return MnistTensors(images(train_x), train_y.to(device), images(test_x), test_y.to(device))
 

@@ -57,10 +57,23 @@ from .steps import EVAL_CHUNK, ROW, logreg_step
 #   iters       - the models step in lockstep, all for the same number of steps;
 #   eval_every  - evaluations are batched over the pack, so they happen at the same iterations;
 #   optimizer   - one update rule over the stacked tensors (SGD and Adam keep different state);
-#   device      - one process, one device.
+#   device      - one process, one device;
+#   schedule, warmup - one lr factor per step for the pack (schedule.lr_scale of the step), applied to
+#                 each model's own lr: models with different schedules train in different packs;
+#   normalize   - the training images are loaded (and normalised) once for the pack.
 # Per run (per-model optimizer calls, own RNG states): lr, momentum, weight_decay, seed.
 # `epochs` is not a key: it is resolved into `iters`, which is.
-PACK_KEYS: tuple[str, ...] = ("model", "optimizer", "batch_size", "iters", "eval_every", "device")
+PACK_KEYS: tuple[str, ...] = (
+    "model",
+    "optimizer",
+    "schedule",
+    "warmup",
+    "normalize",
+    "batch_size",
+    "iters",
+    "eval_every",
+    "device",
+)
 PER_RUN_KEYS: tuple[str, ...] = ("lr", "momentum", "weight_decay", "seed")
 
 ADAM_BETAS = (0.9, 0.999)  # torch.optim.Adam defaults, as `steps.make_optimizer` uses them
@@ -336,6 +349,10 @@ class _Pack:
         self.optimizer.step(grads)
         loss_sum += losses
 
+    def set_lr_scale(self, scale: float) -> None:
+        """Every model's lr times `scale` from the next step on (the schedule's factor)."""
+        self.optimizer.lr_scale = scale
+
     def weights(self, m: int) -> dict[str, torch.Tensor]:
         return {k: v[m].detach() for k, v in self.params.items()}
 
@@ -456,6 +473,7 @@ class _LogRegPack:
         self.onehot_t = F.one_hot(ds.train_y, 10).to(self.x.dtype).t().contiguous()
         self.plain = [c.optimizer == "sgd" and c.momentum == 0 and c.weight_decay == 0 for c in configs]
         self.lrs = [c.lr for c in configs]
+        self.lr_scale = 1.0  # the schedule's factor on every model's lr (set_lr_scale)
         # the optimizer (torch.optim's arithmetic per model) for the models not stepped by a fused GEMM:
         # exact - the non-plain ones, as alone; grouped - all of them, unless every model is plain SGD
         self.fused = exact or all(self.plain)
@@ -490,7 +508,7 @@ class _LogRegPack:
             for m in range(self.n):
                 torch.index_select(self.x, 0, idx[m], out=base[m, :, :784])
                 yt = self.onehot_t.index_select(1, idx[m])
-                lr = self.lrs[m] if self.plain[m] else None
+                lr = self.lrs[m] * self.lr_scale if self.plain[m] else None  # as the lone step's
                 grad = self.grads[m] if lr is None else None
                 logreg_step(self.wb[m], base[m, :, :785], yt, loss_sum[m], lr, grad)
         else:
@@ -503,6 +521,12 @@ class _LogRegPack:
                     self._group_step(base[g : g + 1], reps[g : g + 1], start, end, loss_sum)
         if self.opt is not None:
             self.opt.step([[self.grads[m] for m in self.stepped]])
+
+    def set_lr_scale(self, scale: float) -> None:
+        """Every model's lr times `scale` from the next step on (the schedule's factor)."""
+        self.lr_scale = scale
+        if self.opt is not None:
+            self.opt.lr_scale = scale
 
     def _group_step(self, base, reps, start: int, end: int, loss_sum: torch.Tensor) -> None:
         """Slots start..end, as G equal seed groups of k models sharing the batch reps[g] (G, B)."""
@@ -519,7 +543,7 @@ class _LogRegPack:
         g = logp.exp_().sub_(yt)  # (G, k, 10, B): B * dL/dlogits per model
         if self.fused:
             g.mul_(self.neg_lr[start:end].view(n_groups, k, 1, 1))
-            w.baddbmm_(g.view(n_groups, k * 10, b), xb, alpha=1.0 / b)
+            w.baddbmm_(g.view(n_groups, k * 10, b), xb, alpha=self.lr_scale / b)
         else:
             grads = torch.bmm(g.view(n_groups, k * 10, b), xb).mul_(1.0 / b)
             self.gbuf[start:end, :, :785] = grads.view(end - start, 10, 785)
@@ -593,6 +617,7 @@ class _PackedSGD:
         self.mom_models = [m for m, c in enumerate(configs) if c.momentum != 0]
         self.momentum = [configs[m].momentum for m in self.mom_models]
         self.buffers: list[list[torch.Tensor] | None] = [None] * len(self.params)
+        self.lr_scale = 1.0  # the schedule's factor: each model steps with lr * lr_scale, as alone
 
     def state_dict(self) -> dict[str, Any]:
         return {"buffers": [None if b is None else [t.clone() for t in b] for b in self.buffers]}
@@ -615,7 +640,7 @@ class _PackedSGD:
                 for m, buf in zip(self.mom_models, bufs):
                     d[m] = buf
             for lr, idx in self.lr_groups:  # param.add_(grad, alpha=-lr)
-                torch._foreach_add_(_pick(p, idx), _pick(d, idx), alpha=-lr)
+                torch._foreach_add_(_pick(p, idx), _pick(d, idx), alpha=-(lr * self.lr_scale))
 
 
 class _PackedAdam:
@@ -629,6 +654,7 @@ class _PackedAdam:
         self.exp_avg = [[torch.zeros_like(t) for t in p] for p in self.params]
         self.exp_avg_sq = [[torch.zeros_like(t) for t in p] for p in self.params]
         self.steps = 0
+        self.lr_scale = 1.0  # the schedule's factor: each model steps with lr * lr_scale, as alone
 
     def state_dict(self) -> dict[str, Any]:
         copy = (
@@ -658,7 +684,7 @@ class _PackedAdam:
             torch._foreach_div_(denom, bias_correction2_sqrt)
             torch._foreach_add_(denom, ADAM_EPS)
             for lr, idx in self.lr_groups:  # param.addcdiv_(exp_avg, denom, value=-step_size)
-                step_size = lr / bias_correction1
+                step_size = lr * self.lr_scale / bias_correction1
                 torch._foreach_addcdiv_(
                     _pick(p, idx), _pick(exp_avg, idx), _pick(denom, idx), value=-step_size
                 )

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .config import ConfigError, parse_option
+from .config import ADDED_BEFORE, TRAIN_FIELDS, ConfigError, parse_option
 from .results import ResultError, load_result, strict_json
 
 if TYPE_CHECKING:
@@ -33,19 +33,9 @@ if TYPE_CHECKING:
 
 
 # Keys, by role. Every flat run dict has all of these.
-HYPERPARAMS = (
-    "model",
-    "optimizer",
-    "lr",
-    "momentum",
-    "weight_decay",
-    "batch_size",
-    "iters",
-    "seed",
-    "eval_every",
-)
 DERIVED = ("epochs",)  # resolved into iters: filterable and sortable, never a "varying" column
 PLACEMENT = ("device", "world_size")  # where it ran: part of the row key; a column where it differs
+HYPERPARAMS = tuple(k for k in TRAIN_FIELDS if k not in DERIVED + PLACEMENT)  # every training option
 CONFIG_KEYS = HYPERPARAMS + PLACEMENT
 METRICS = ("test_accuracy", "test_loss", "final_train_loss", "train_s", "samples_per_s", "total_s")
 INFO = ("run_id", "status")
@@ -190,7 +180,8 @@ def flatten(data: dict[str, Any], path: str | Path = "") -> dict[str, Any]:
     """One result (or manifest entry) as a flat run dict with every key in KEYS."""
     cfg, metrics = _section(data, "config"), _section(data, "metrics")
     timings, env, dist = _section(data, "timings"), _section(data, "env"), _section(data, "distributed")
-    run: dict[str, Any] = {k: _scalar(cfg.get(k)) for k in HYPERPARAMS + DERIVED}
+    before = ADDED_BEFORE if cfg else {}  # a result from before an option existed ran as its default
+    run: dict[str, Any] = {k: _scalar(cfg.get(k, before.get(k))) for k in HYPERPARAMS + DERIVED}
     run["device"] = _scalar(env.get("device") or cfg.get("device"))  # what it ran on, not "auto"
     run["world_size"] = _scalar(dist.get("world_size", 1))
     for k in METRICS:

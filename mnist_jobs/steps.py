@@ -1,9 +1,11 @@
 """The step: what trains a population of N >= 1 models on one batch each - the body of train()'s loop.
 
 `make_population(configs, ds, dist, device)` gives the population for 1 or N models; train()'s loop
-only ever talks to it through the same five calls: `step(idx, loss_sum)` (idx: (N, B) batch indices,
-loss_sum: (N,) running losses), `eval_logits(images)` -> (N, len, 10), `weights(m)` (model m's
-state_dict, loadable by `build_model(name)`), and `state_dict()` / `load_state_dict()` for checkpoints.
+only ever talks to it through the same six calls: `step(idx, loss_sum)` (idx: (N, B) batch indices,
+loss_sum: (N,) running losses), `set_lr_scale(s)` (the next steps train each model with its own lr
+times s: the schedule's factor, see schedule.py), `eval_logits(images)` -> (N, len, 10), `weights(m)`
+(model m's state_dict, loadable by `build_model(name)`), and `state_dict()` / `load_state_dict()` for
+checkpoints.
 
 Lone          one model (a population of one): a LogRegStep or an AutogradStep on an nn.Module.
 packed.py     N models stacked: `_LogRegPack` (closed-form logreg, seed-grouped GEMMs) and `_Pack` (the
@@ -44,11 +46,19 @@ def make_optimizer(config: TrainConfig, params) -> torch.optim.Optimizer:
     return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
 
 
+def scale_optimizer_lr(optimizer: torch.optim.Optimizer, config: TrainConfig, scale: float) -> None:
+    """The schedule's factor on a torch.optim optimizer: every group's lr is config.lr * scale (an lr
+    a checkpointed optimizer brings back is overwritten before the next step)."""
+    for group in optimizer.param_groups:
+        group["lr"] = config.lr * scale
+
+
 class AutogradStep:
     """forward, loss, backward, step - under DDP on this rank's shard of the global batch."""
 
     def __init__(self, config: TrainConfig, model: torch.nn.Module, ds, dist: DistInfo, device: torch.device):
         self.model, self.x, self.y, self.dist, self.device = model, ds.train_x, ds.train_y, dist, device
+        self.config = config
         self.optimizer = make_optimizer(config, model.parameters())
         self.net = model
         # DDP + dropout: every rank draws the global batch's noise from the shared stream (same seed on
@@ -78,6 +88,9 @@ class AutogradStep:
         loss.backward()
         self.optimizer.step()
         loss_sum += loss.detach()
+
+    def set_lr_scale(self, scale: float) -> None:
+        scale_optimizer_lr(self.optimizer, self.config, scale)
 
 
 ROW = 800  # floats per row of the (B, 785) inputs and (10, 785) weights: 64-byte aligned rows make the
@@ -133,6 +146,7 @@ class LogRegStep:
     """Linear(784, 10) + cross-entropy with its closed-form gradient (see the module docstring)."""
 
     def __init__(self, config: TrainConfig, model: torch.nn.Module, ds, dist: DistInfo, device: torch.device):
+        self.config = config
         self.x = ds.train_x.flatten(1)  # (n, 784), a view
         self.onehot_t = F.one_hot(ds.train_y, 10).to(self.x.dtype).t().contiguous()  # (10, n)
         self.wb = fold_bias(model.linear)
@@ -158,6 +172,12 @@ class LogRegStep:
         if self.sgd_lr is None:
             self.optimizer.step()
 
+    def set_lr_scale(self, scale: float) -> None:
+        if self.optimizer is None:
+            self.sgd_lr = self.config.lr * scale  # fused into the update GEMM
+        else:
+            scale_optimizer_lr(self.optimizer, self.config, scale)
+
 
 def make_step(config: TrainConfig, model: torch.nn.Module, ds, dist: DistInfo, device: torch.device):
     """LogRegStep for logreg in one process; AutogradStep for everything else (the CNN, DDP)."""
@@ -178,6 +198,9 @@ class Lone:
 
     def step(self, idx: torch.Tensor, loss_sum: torch.Tensor) -> None:
         self._step(idx[0], loss_sum[0])
+
+    def set_lr_scale(self, scale: float) -> None:
+        self._step.set_lr_scale(scale)
 
     @torch.no_grad()
     def eval_logits(self, xs: torch.Tensor) -> torch.Tensor:

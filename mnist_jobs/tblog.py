@@ -42,23 +42,13 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from .config import TrainConfig
+from .config import TRAIN_FIELDS, TrainConfig
 
 ENV = "MNIST_JOBS_TENSORBOARD"
 INSTALL_HINT = "pip install 'mnist-jobs[tensorboard]'"
 FOLDER = "tb"
 TAGS = (("train_loss", "train/loss"), ("test_loss", "test/loss"), ("test_accuracy", "test/accuracy"))
-HPARAMS = (
-    "model",
-    "optimizer",
-    "lr",
-    "momentum",
-    "weight_decay",
-    "batch_size",
-    "iters",
-    "seed",
-    "eval_every",
-)
+HPARAMS = tuple(k for k in TRAIN_FIELDS if k not in ("epochs", "device"))  # every training option
 SESSION_START_TAG = "_hparams_/session_start_info"  # tensorboard.plugins.hparams.metadata's names
 HPARAMS_PLUGIN = "hparams"
 FILE_VERSION = "brain.Event:2"

@@ -65,6 +65,7 @@ from .results import (
     slurm_environment,
     utc_now,
 )
+from .schedule import lr_scale_fn
 from .steps import EVAL_CHUNK, make_population
 
 STOP_POLL_DDP = 20  # under DDP the ranks agree on a stop request every N iterations (one tiny all-reduce)
@@ -387,10 +388,12 @@ def _run(
     configs, records, histories, data_dir, progress, t_start, dist, paths, ckpt_file, stop, exact, tb
 ) -> None:
     # -- what: one config, or a pack of configs sharing everything but lr, momentum, weight decay, seed
+    #    (so its schedule too: one lr factor per step, on each model's own lr)
     n = len(configs)
     if n > 1:
         check_same_pack_keys(configs)
-    cfg = configs[0]  # its model, optimizer, batch size, iterations, eval cadence and device are all's
+    cfg = configs[0]  # its model, optimizer, schedule, inputs, batch size, iterations, eval cadence and
+    #                   device are all's
     run_ids = [r["run_id"] for r in records]
 
     # -- where (a pack is sized here, on the machine that trains it, before anything is loaded)
@@ -419,7 +422,7 @@ def _run(
                 "hosts": hosts,
             }
         # -- data, decoded once and kept on the device
-        ds = mnist_data.load(data_dir, device=device)
+        ds = mnist_data.load(data_dir, device=device, normalize=cfg.normalize)
 
         # -- the models and the step that trains them (each model seeded and built as its lone run;
         #    DDP: the one model, wrapped), and the loop's state: fresh, or as a checkpoint left it
@@ -473,8 +476,11 @@ def _run(
 
         # -- the loop
         n_train = len(ds.train_y)
+        lr_scale = lr_scale_fn(cfg)  # None: the lr is constant (set once, by the optimizers)
         t_loop = time.perf_counter()
         while loop.iteration < cfg.iters:
+            if lr_scale is not None:  # a function of the step alone: a resumed run continues it exactly
+                pop.set_lr_scale(lr_scale(loop.iteration))
             pop.step(loop.next_batch(n_train, cfg.batch_size, device), loop.loss_sum)
             loop.iteration += 1
             loop.loss_count += 1

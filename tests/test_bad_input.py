@@ -61,6 +61,14 @@ def refused(args: list[str], results: Path) -> str:
         (["--lr", "0.01,-inf"], "--lr must be finite (got -inf)"),
         (["--weight-decay", "inf"], "--weight-decay must be finite (got inf)"),
         (["--weight-decay", "-1"], "--weight-decay must be >= 0 (got -1.0)"),
+        (
+            ["--schedule", "cosine,linear"],
+            "--schedule must be one of constant, cosine, onecycle (got 'linear')",
+        ),
+        (["--warmup", "0.1,1"], "--warmup is a fraction of the iterations: >= 0 and < 1 (got 1.0)"),
+        (["--warmup", "-0.1"], "--warmup must be >= 0 (got -0.1)"),
+        (["--warmup", "nan"], "--warmup must be finite (got nan)"),
+        (["--normalize", "on,maybe"], "--normalize must be on or off (got 'maybe')"),
     ],
 )
 def test_sweep_refuses_bad_hyperparameters(tmp_path, extra, needle):
@@ -77,6 +85,11 @@ def test_sweep_refuses_bad_hyperparameters(tmp_path, extra, needle):
         (["--lr", "inf"], "--lr must be finite (got inf)"),
         (["--lr", "-inf"], "--lr must be finite (got -inf)"),
         (["--weight-decay", "nan"], "--weight-decay must be finite (got nan)"),
+        (["--schedule", "step"], "--schedule must be one of constant, cosine, onecycle (got 'step')"),
+        (["--schedule", "cosine,onecycle"], "--schedule takes one value in `train`"),
+        (["--warmup", "1"], "--warmup is a fraction of the iterations: >= 0 and < 1 (got 1.0)"),
+        (["--warmup", "ten"], "--warmup must be a number (got 'ten')"),
+        (["--normalize", "2"], "--normalize must be on or off (got '2')"),
     ],
 )
 def test_train_refuses_bad_hyperparameters(tmp_path, extra, needle):
@@ -89,6 +102,23 @@ def test_sweep_momentum_from_a_file_is_checked_too(tmp_path):
     toml.write_text("lr = 0.01\nmomentum = [0.9, 1.0]\n")
     line = refused(["sweep", "--config", str(toml), "--device", "cpu"], tmp_path / "results")
     assert "--momentum must be >= 0 and < 1 (got 1.0)" in line
+
+
+@pytest.mark.parametrize(
+    ("toml_text", "needle"),
+    [
+        (
+            'schedule = ["cosine", "cyclic"]',
+            "--schedule must be one of constant, cosine, onecycle (got 'cyclic')",
+        ),
+        ("warmup = [0.1, 1.5]", "--warmup is a fraction of the iterations: >= 0 and < 1 (got 1.5)"),
+        ("normalize = [true, 7]", "--normalize must be on or off (got '7')"),
+    ],
+)
+def test_sweep_file_schedule_and_normalize_are_checked_too(tmp_path, toml_text, needle):
+    toml = tmp_path / "sweep.toml"
+    toml.write_text(f"lr = 0.01\n{toml_text}\n")
+    assert needle in refused(["sweep", "--config", str(toml), "--device", "cpu"], tmp_path / "results")
 
 
 # ---- values that reach the sbatch script ---------------------------------------------------------

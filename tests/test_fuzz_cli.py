@@ -50,6 +50,9 @@ TRAINING = {  # option -> plausible values mixed into the random ones
     "--lr": ["0.1", "0.01,0.1", "-1", "0"],
     "--momentum": ["0.9", "-0.5"],
     "--weight-decay": ["0.0001", "-1"],
+    "--schedule": ["constant", "cosine", "onecycle", "Cosine", "constant,onecycle", "linear"],
+    "--warmup": ["0", "0.1", "0.3,0.5", "1", "-0.1", "0.999999"],
+    "--normalize": ["on", "off", "on,off", "True", "maybe", "2"],
     "--batch-size": ["32", "0", "64,128", "60000", "100000"],
     "--epochs": ["1", "0"],
     "--iters": ["5", "0", "1.0", "1.5"],
@@ -90,6 +93,7 @@ SWEEP_ONLY = {
 # These could start something long or remote: only ever as a dry run.
 DRY = {"--iters", "--epochs", "--batch-size", *SLURM}
 TOML_KEYS = ["name", "model", "lr", "seed", "iters", "batch_size", "device", "slurm", "bogus"]
+TOML_KEYS += ["schedule", "warmup", "normalize"]
 TOML_VALUES = st.one_of(
     st.integers(min_value=-5, max_value=5).map(str),
     TEXT.map(json.dumps),
