@@ -27,10 +27,12 @@ import struct
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from .results import atomic_write_bytes, default_file_mode, open_temp_beside
+
+if TYPE_CHECKING:  # (torch is imported where tensors are made: verifying the files needs none)
+    import torch
 
 # SHA-256 of the shipped .gz files and of their uncompressed contents.
 GZ_SHA256 = {
@@ -223,6 +225,8 @@ def _cache_dirs(data_dir: Path) -> list[Path]:
 def _read_cache(path: Path, key: str) -> tuple[torch.Tensor, ...] | None:
     """The four uint8 arrays from a decoded cache, or None if it is missing, from other sources,
     truncated or corrupt."""
+    import torch
+
     size = CACHE_HEADER_SIZE + CACHE_PAYLOAD_SIZE
     try:
         with open(path, "rb") as f:
@@ -254,6 +258,8 @@ def _read_cache(path: Path, key: str) -> tuple[torch.Tensor, ...] | None:
 
 def _write_cache(path: Path, key: str, arrays: tuple[torch.Tensor, ...]) -> None:
     """Write the decoded cache atomically; a failure only costs the next run a decode."""
+    import torch
+
     train_x, train_y, test_x, test_y = arrays
     parts = [
         train_x.contiguous().numpy().tobytes(),
@@ -313,6 +319,8 @@ def load(
     """Verify, decode (torchvision's MNIST reader, or its cached output), scale like ToTensor, move
     to `device`; with `normalize` (--normalize on) both splits are then standardised as
     transforms.Normalize((0.1307,), (0.3081,)) does."""
+    import torch
+
     train_x, train_y, test_x, test_y = load_uint8(data_dir)
     device = torch.device(device)
 
@@ -328,5 +336,7 @@ def epoch_batches(
     n: int, batch_size: int, generator: torch.Generator, device: torch.device
 ) -> list[torch.Tensor]:
     """One epoch of shuffled index batches (last one partial, as DataLoader(shuffle=True))."""
+    import torch
+
     perm = torch.randperm(n, generator=generator).to(device)
     return list(perm.split(batch_size))

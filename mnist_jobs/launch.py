@@ -210,7 +210,7 @@ class Plan:
         ids = self.run_ids if run_ids is None else run_ids
         if self.options.pack <= 1:
             return [[r] for r in ids]
-        from .packed import PackError, group_for_packing
+        from .packing import PackError, group_for_packing
 
         try:
             return [
@@ -264,7 +264,7 @@ def preflight(plan: Plan) -> None:
     node checks its own under SLURM), the data; for SLURM the partition and node sizes; then that the
     results folder is writable (checked last: it creates the folder)."""
     from .data import DataError, prepare
-    from .device import DeviceError, select_device
+    from .local import device_error_here
     from .results import check_writable_dir
 
     o = plan.options
@@ -275,10 +275,11 @@ def preflight(plan: Plan) -> None:
             check_slurm_fits(o.slurm, sinfo_partitions())
         else:
             for device in sorted({c.device for c in plan.configs}):
-                select_device(device)
+                if error := device_error_here(device):
+                    raise LaunchError(error)
         prepare(o.data_dir)
         check_writable_dir(o.results_dir)
-    except (OSError, DataError, DeviceError) as e:
+    except (OSError, DataError) as e:
         raise LaunchError(str(e)) from None
     # said here too, not only in the workers' logs: on such a mount two sweeps may train a run twice
     warn_if_claims_node_local(plan.folder)
@@ -292,14 +293,14 @@ def make_tasks(plan: Plan, run_ids: list[str]) -> tuple[list[TrainTask], list[li
     o = plan.options
     groups = plan.groups(run_ids)
     if plan.executor != "slurm" and o.pack > 1:
-        from .device import DeviceError, select_device
-        from .packed import PackError, check_pack_fits
+        from .local import local_device_type
+        from .packing import PackError, check_pack_fits
 
         for g in groups:
             cfg = plan.config(g[0])
             try:
-                check_pack_fits(cfg, len(g), select_device(cfg.device))
-            except (PackError, DeviceError) as e:
+                check_pack_fits(cfg, len(g), local_device_type(cfg.device))
+            except PackError as e:
                 raise LaunchError(str(e)) from None
     tasks = [
         TrainTask(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import platform
 import shutil
 import subprocess
 import time
@@ -26,6 +27,49 @@ def local_gpu_count() -> int:
             out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10)
             return len([ln for ln in out.stdout.splitlines() if ln.startswith("GPU ")])
     return 0
+
+
+def device_error_here(spec: str) -> str | None:
+    """Why `--device spec` cannot run on this machine, or None - asked without importing torch where
+    the answer is plain (cpu and auto always run; cuda needs a visible GPU), so that planning a local
+    sweep stays light; the worker selects its device itself (a CUDA build of torch is its check)."""
+    if spec in ("cpu", "auto"):
+        return None
+    if spec.startswith("cuda"):
+        count = local_gpu_count()
+        if count == 0:
+            return f"--device {spec} requested but CUDA is not available on this machine"
+        index = int(spec.split(":", 1)[1]) if ":" in spec else 0
+        if index >= count:
+            return f"--device {spec} requested but only {count} CUDA device(s) are visible"
+        return None
+    if spec == "mps" and platform.system() != "Darwin":
+        return "--device mps requested but MPS is not available on this machine"
+    from .device import DeviceError, select_device  # (MPS on a Mac: torch knows)
+
+    try:
+        select_device(spec)
+    except DeviceError as e:
+        return str(e)
+    return None
+
+
+def local_device_type(spec: str) -> str:
+    """The device type `spec` will train on here: what sizes a local pack (cuda, mps or cpu)."""
+    if spec == "auto":
+        if local_gpu_count():
+            return "cuda"
+        return "mps" if platform.system() == "Darwin" and platform.machine() == "arm64" else "cpu"
+    return spec.split(":", 1)[0]
+
+
+def free_port() -> int:
+    """A free TCP port on this machine (a local multi-process job's rendezvous)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def run_local(
@@ -64,8 +108,6 @@ def run_local(
         if task.threads is None and not gpus:
             task.threads = cpu_threads
         if tasks_per_node > 1 and task.master_port is None:
-            from .device import free_port
-
             task.master_port = free_port()
         job = ex.submit(task)
         for j in (job, *job._sub_jobs):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -157,7 +158,13 @@ def _version(module: str) -> str | None:
 
 
 def environment() -> dict[str, Any]:
-    """Versions and machine facts a reader needs to trust and reproduce a result."""
+    """Versions and machine facts a reader needs to trust and reproduce a result (a fresh dict: the
+    caller adds to it; the facts are looked up once per process, not once per run of a pack)."""
+    return dict(_environment())
+
+
+@functools.lru_cache(maxsize=1)
+def _environment() -> dict[str, Any]:
     return {
         "python": platform.python_version(),
         "torch": _version("torch"),

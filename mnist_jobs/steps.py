@@ -35,8 +35,6 @@ from .config import TrainConfig
 from .device import DistInfo
 from .models import build_model, cnn_noise
 
-EVAL_CHUNK = 5000  # test images per forward pass during evaluation
-
 
 def make_optimizer(config: TrainConfig, params) -> torch.optim.Optimizer:
     if config.optimizer == "sgd":

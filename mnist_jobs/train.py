@@ -54,7 +54,7 @@ from .device import (
     rank_device,
     synchronize,
 )
-from .packed import PackError, check_pack_fits, check_same_pack_keys
+from .packing import EVAL_CHUNK, PackError, check_pack_fits, check_same_pack_keys
 from .results import (
     RESULT_KIND,
     SCHEMA_VERSION,
@@ -66,7 +66,7 @@ from .results import (
     utc_now,
 )
 from .schedule import lr_scale_fn
-from .steps import EVAL_CHUNK, make_population
+from .steps import make_population
 
 STOP_POLL_DDP = 20  # under DDP the ranks agree on a stop request every N iterations (one tiny all-reduce)
 

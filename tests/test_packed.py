@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from mnist_jobs.config import TrainConfig
 from mnist_jobs.models import build_model
-from mnist_jobs.packed import (
+from mnist_jobs.packed import traced_model_sizes
+from mnist_jobs.packing import (
     PACK_KEYS,
     PER_RUN_KEYS,
     PackError,
@@ -19,6 +22,7 @@ from mnist_jobs.packed import (
     estimate_pack_bytes,
     group_for_packing,
     max_pack_that_fits,
+    model_sizes,
 )
 from mnist_jobs.results import load_result
 from mnist_jobs.train import Progress, train, train_pack
@@ -81,6 +85,24 @@ def test_group_for_packing_rules():
 
 
 # ---- memory ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model", ["logreg", "cnn"])
+def test_the_model_size_table_is_what_a_trace_measures(model):
+    """packing.MODEL_SIZES (numbers, so that planning a pack imports no torch) against a meta-device
+    trace of the real model, for several batch sizes."""
+    for batch in (1, 7, 64, 100, 128, 1000):
+        assert model_sizes(model, batch) == traced_model_sizes(model, batch), (model, batch)
+
+
+def test_planning_packs_imports_no_torch():
+    code = (
+        "import sys; from mnist_jobs.config import TrainConfig; from mnist_jobs import packing; "
+        "packing.group_for_packing([TrainConfig(seed=s) for s in range(4)], 2); "
+        "packing.check_pack_fits(TrainConfig(model='cnn'), 4, 'cpu'); "
+        "assert 'torch' not in sys.modules, 'torch imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
 
 def test_memory_estimate_and_refusal():

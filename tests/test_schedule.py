@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 from mnist_jobs import data as mnist_data
 from mnist_jobs.cli import app
 from mnist_jobs.config import TRAIN_FIELDS, ConfigError, TrainConfig, parse_option
-from mnist_jobs.packed import PackError, check_same_pack_keys, group_for_packing
+from mnist_jobs.packing import PackError, check_same_pack_keys, group_for_packing
 from mnist_jobs.schedule import lr_scale, lr_scale_fn
 from mnist_jobs.train import Interrupted, StopFlag, train, train_pack
 
