@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -177,6 +178,20 @@ def _environment() -> dict[str, Any]:
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
         **git_info(),
     }
+
+
+def seconds_since_process_start() -> float | None:
+    """Wall seconds since this process started (Linux: /proc, 10 ms resolution), else None: a job's
+    start-up (python, imports, data, model) up to its first training step."""
+    try:
+        stat = Path("/proc/self/stat").read_text()
+        ticks = int(stat[stat.rindex(")") + 2 :].split()[19])  # field 22: starttime, clock ticks after boot
+        boot = next(
+            int(ln.split()[1]) for ln in Path("/proc/stat").read_text().splitlines() if ln.startswith("btime")
+        )
+        return max(0.0, time.time() - (boot + ticks / os.sysconf("SC_CLK_TCK")))
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
 
 
 def slurm_environment() -> dict[str, Any] | None:

@@ -62,6 +62,7 @@ from .results import (
     atomic_write_json,
     environment,
     result_path,
+    seconds_since_process_start,
     slurm_environment,
     utc_now,
 )
@@ -477,6 +478,7 @@ def _run(
         # -- the loop
         n_train = len(ds.train_y)
         lr_scale = lr_scale_fn(cfg)  # None: the lr is constant (set once, by the optimizers)
+        startup_s = seconds_since_process_start()  # python start to the first step (this attempt)
         t_loop = time.perf_counter()
         while loop.iteration < cfg.iters:
             if lr_scale is not None:  # a function of the step alone: a resumed run continues it exactly
@@ -568,6 +570,7 @@ def _run(
             "eval_s": round(loop.eval_s, 4),
             "checkpoint_s": round(loop.checkpoint_s, 4),
             "samples_per_s": round(it * cfg.batch_size / train_s, 1) if train_s > 0 else None,
+            "startup_s": round(startup_s, 3) if startup_s is not None else None,
         }
         if loop.earlier_s:
             rec["timings"]["earlier_attempts_s"] = round(loop.earlier_s, 4)  # total_s includes them

@@ -32,6 +32,8 @@ def test_result_schema(tmp_path):
     t = data["timings"]
     assert {"data_load_s", "train_s", "eval_s", "total_s", "samples_per_s"} <= set(t)
     assert t["total_s"] >= t["train_s"] > 0
+    # python start to the first step (here: this test process's age when the loop began)
+    assert isinstance(t["startup_s"], float) and t["startup_s"] > 0
     e = data["env"]
     assert (e["device"] == "cpu" and e["torch"] == torch.__version__.split("+")[0]) or e["torch"].startswith(
         "2."
