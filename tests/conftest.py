@@ -3,6 +3,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -55,3 +56,16 @@ def cluster() -> list[str]:
 def results(tmp_path_factory) -> Path:
     # Not under /tmp's pytest dir only for tidiness: the one-node cluster shares this filesystem.
     return tmp_path_factory.mktemp("slurm-results")
+
+
+def wait_done(folder: Path, timeout_s: float = 240) -> list[dict]:
+    """The run states of a sweep once every run has ended (completed, failed or cancelled)."""
+    from mnist_jobs.sweepdir import run_states
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        rows = run_states(folder)
+        if rows and all(r["state"] in ("COMPLETED", "FAILED", "CANCELLED") for r in rows):
+            return rows
+        time.sleep(1.0)
+    raise AssertionError(f"sweep {folder.name} not done after {timeout_s}s: {run_states(folder)}")

@@ -25,14 +25,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CLUSTER, CLUSTER_NODES
+from conftest import CLUSTER, CLUSTER_NODES, wait_done
 from typer.testing import CliRunner
 
 from mnist_jobs.checkpoint import checkpoint_path
 from mnist_jobs.cli import app
 from mnist_jobs.config import TrainConfig
 from mnist_jobs.grid import sweep_run_id
-from mnist_jobs.sweepdir import read_manifest, run_states
+from mnist_jobs.sweepdir import read_manifest
 from mnist_jobs.train import train
 
 pytestmark = [
@@ -54,16 +54,6 @@ def submit(results: Path, name: str, *extra: str, args: list[str] = ARGS) -> tup
     assert res.exit_code == 0, res.output
     folder = results / name
     return folder, [info["job_id"] for info in read_manifest(folder)["runs"].values()]
-
-
-def wait_done(folder: Path, timeout_s: float = 240) -> list[dict]:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        rows = run_states(folder)
-        if rows and all(r["state"] in ("COMPLETED", "FAILED", "CANCELLED") for r in rows):
-            return rows
-        time.sleep(1.0)
-    raise AssertionError(f"sweep {folder.name} not done after {timeout_s}s: {run_states(folder)}")
 
 
 def squeue(job_id: str, fmt: str) -> str:

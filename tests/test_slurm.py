@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import wait_done
 from typer.testing import CliRunner
 
 from mnist_jobs.cli import app
@@ -23,16 +24,6 @@ from mnist_jobs.sweepdir import read_manifest, run_states
 pytestmark = pytest.mark.slurm
 runner = CliRunner()
 FAST = ["--iters", "60", "--eval-every", "30", "--device", "cpu"]
-
-
-def wait_done(folder: Path, timeout_s: float = 240) -> list[dict]:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        rows = run_states(folder)
-        if rows and all(r["state"] in ("COMPLETED", "FAILED", "CANCELLED") for r in rows):
-            return rows
-        time.sleep(1.0)
-    raise AssertionError(f"sweep {folder.name} not done after {timeout_s}s: {run_states(folder)}")
 
 
 def sacct_state(job_id: str) -> str:
