@@ -29,6 +29,18 @@ def data_copy(tmp_path: Path) -> Path:
 CLUSTER_NODES = int(os.environ.get("MNIST_JOBS_TEST_NODES", "3"))
 
 
+@pytest.fixture
+def one_thread():
+    """Runs compared bit for bit use the same thread count: on the CPU, a different split of the work
+    changes float sums in the last bit."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def cluster() -> list[str]:
     """The real SLURM cluster, started once per session and stopped at the end (pass or fail): its

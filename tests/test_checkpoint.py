@@ -38,16 +38,6 @@ CONFIGS = {  # ~1-3 s each on one CPU thread; small checkpoint intervals, evalua
 }
 
 
-@pytest.fixture
-def one_thread():
-    """The straight run and the interrupted one must use the same number of threads: on the CPU, a
-    different split of the work changes float sums in the last bit."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory):
     """Uninterrupted reference runs (one thread), computed once per model."""

@@ -32,15 +32,6 @@ def quiet(_p) -> None:
     pass
 
 
-@pytest.fixture
-def one_thread():
-    """Compared runs use the same thread count (a different split changes float sums in the last bit)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def torch_lrs(make, iters: int, lr: float = 1.0) -> list[float]:
     """The lr torch's scheduler gives each of `iters` optimizer steps."""
     opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=lr)

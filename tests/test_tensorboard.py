@@ -36,15 +36,6 @@ TAGS = ("train/loss", "test/loss", "test/accuracy")
 HISTORY_KEY = {"train/loss": "train_loss", "test/loss": "test_loss", "test/accuracy": "test_accuracy"}
 
 
-@pytest.fixture
-def one_thread():
-    """Straight and resumed runs on the same number of threads: the same floats, bit for bit."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory):
     before = torch.get_num_threads()
