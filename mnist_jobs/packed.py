@@ -162,13 +162,19 @@ class _Pack:
 
     def step(self, idx: torch.Tensor, loss_sum: torch.Tensor) -> None:
         """One step of every model on its batch idx[m] (N, B); each model's mean loss into loss_sum[m]."""
+        self.compute(idx, loss_sum)
+        self.update()
+
+    def compute(self, idx: torch.Tensor, loss_sum: torch.Tensor) -> None:
         n, b = idx.shape
         flat = idx.reshape(-1)
         x = self.x.index_select(0, flat).view(n, b, *self.image_shape)
         y = self.y.index_select(0, flat).view(n, b)
-        losses, grads = self.loss_and_grads(x, y)
-        self.optimizer.step(grads)
+        losses, self._grads = self.loss_and_grads(x, y)
         loss_sum += losses
+
+    def update(self) -> None:
+        self.optimizer.step(self._grads)
 
     def set_lr_scale(self, scale: float) -> None:
         """Every model's lr times `scale` from the next step on (the schedule's factor)."""
@@ -257,7 +263,9 @@ class _LogRegPack:
     Models are kept in "slots" ordered so that each seed group is contiguous.
     """
 
-    def __init__(self, configs: Sequence[TrainConfig], device: torch.device, ds, exact: bool):
+    def __init__(
+        self, configs: Sequence[TrainConfig], device: torch.device, ds, exact: bool, fuse_sgd: bool = True
+    ):
         self.n = n = len(configs)
         self.exact = exact
         self.device = device
@@ -296,8 +304,9 @@ class _LogRegPack:
         self.lrs = [c.lr for c in configs]
         self.lr_scale = 1.0  # the schedule's factor on every model's lr (set_lr_scale)
         # the optimizer (torch.optim's arithmetic per model) for the models not stepped by a fused GEMM:
-        # exact - the non-plain ones, as alone; grouped - all of them, unless every model is plain SGD
-        self.fused = exact or all(self.plain)
+        # exact - the non-plain ones, as alone; grouped - all of them, unless every model is plain SGD;
+        # fuse_sgd=False (graphs.py, under a schedule: a captured GEMM would freeze the lr) - all of them
+        self.fused = fuse_sgd and (exact or all(self.plain))
         stepped = [m for m in range(n) if not (self.fused and self.plain[m])]
         self.gbuf = torch.zeros(n, 10, ROW, device=device) if stepped else None
         self.grads = [self.gbuf[self.slot[m], :, :785] for m in range(n)] if stepped else []
@@ -323,13 +332,18 @@ class _LogRegPack:
 
     def step(self, idx: torch.Tensor, loss_sum: torch.Tensor) -> None:
         """One step of every model on its batch idx[m] (N, B); each model's mean loss into loss_sum[m]."""
+        self.compute(idx, loss_sum)
+        self.update()
+
+    def compute(self, idx: torch.Tensor, loss_sum: torch.Tensor) -> None:
+        """The losses, and the gradients into `grads` (fused plain SGD: the update itself)."""
         b = idx.shape[1]
         if self.exact:
             base = self._inputs(self.n, b)
             for m in range(self.n):
                 torch.index_select(self.x, 0, idx[m], out=base[m, :, :784])
                 yt = self.onehot_t.index_select(1, idx[m])
-                lr = self.lrs[m] * self.lr_scale if self.plain[m] else None  # as the lone step's
+                lr = self.lrs[m] * self.lr_scale if self.fused and self.plain[m] else None  # as alone
                 grad = self.grads[m] if lr is None else None
                 logreg_step(self.wb[m], base[m, :, :785], yt, loss_sum[m], lr, grad)
         else:
@@ -340,6 +354,8 @@ class _LogRegPack:
             else:
                 for g, (start, end, _) in enumerate(self.groups):
                     self._group_step(base[g : g + 1], reps[g : g + 1], start, end, loss_sum)
+
+    def update(self) -> None:
         if self.opt is not None:
             self.opt.step([[self.grads[m] for m in self.stepped]])
 

@@ -37,11 +37,14 @@ from .models import build_model, cnn_noise
 
 
 def make_optimizer(config: TrainConfig, params) -> torch.optim.Optimizer:
+    """torch.optim's SGD or Adam; on CUDA their fused kernels (one launch per step for all tensors)."""
+    params = list(params)
+    fused = {"fused": True} if params and params[0].device.type == "cuda" else {}
     if config.optimizer == "sgd":
         return torch.optim.SGD(
-            params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+            params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay, **fused
         )
-    return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay, **fused)
 
 
 def scale_optimizer_lr(optimizer: torch.optim.Optimizer, config: TrainConfig, scale: float) -> None:
@@ -58,6 +61,7 @@ class AutogradStep:
         self.model, self.x, self.y, self.dist, self.device = model, ds.train_x, ds.train_y, dist, device
         self.config = config
         self.optimizer = make_optimizer(config, model.parameters())
+        self.set_to_none = True  # graphs.Graphed: False, so the gradients stay where the graph wrote them
         self.net = model
         # DDP + dropout: every rank draws the global batch's noise from the shared stream (same seed on
         # every rank) and applies its shard's rows, so each sample is dropped as in the 1-process run
@@ -68,6 +72,11 @@ class AutogradStep:
             self.net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     def __call__(self, idx: torch.Tensor, loss_sum: torch.Tensor) -> None:
+        self.compute(idx, loss_sum)
+        self.update()
+
+    def compute(self, idx: torch.Tensor, loss_sum: torch.Tensor) -> None:
+        """The gradients of the batch idx into the parameters' .grad, its mean loss into loss_sum."""
         if self.dist.distributed:
             # This rank's share of the global batch; the loss is normalised by the global batch (DDP
             # averages over ranks), so the update equals the single-process one.
@@ -82,10 +91,12 @@ class AutogradStep:
         else:
             x, y = self.x.index_select(0, idx), self.y.index_select(0, idx)
             loss = F.cross_entropy(self.net(x), y)
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad(set_to_none=self.set_to_none)
         loss.backward()
-        self.optimizer.step()
         loss_sum += loss.detach()
+
+    def update(self) -> None:
+        self.optimizer.step()
 
     def set_lr_scale(self, scale: float) -> None:
         scale_optimizer_lr(self.optimizer, self.config, scale)
@@ -143,7 +154,15 @@ def logreg_step(
 class LogRegStep:
     """Linear(784, 10) + cross-entropy with its closed-form gradient (see the module docstring)."""
 
-    def __init__(self, config: TrainConfig, model: torch.nn.Module, ds, dist: DistInfo, device: torch.device):
+    def __init__(
+        self,
+        config: TrainConfig,
+        model: torch.nn.Module,
+        ds,
+        dist: DistInfo,
+        device: torch.device,
+        fuse_sgd: bool = True,
+    ):
         self.config = config
         self.x = ds.train_x.flatten(1)  # (n, 784), a view
         self.onehot_t = F.one_hot(ds.train_y, 10).to(self.x.dtype).t().contiguous()  # (10, n)
@@ -153,7 +172,10 @@ class LogRegStep:
         # torch._dynamo, ~1.2 s of a 3 s process on a 2-core CPU)
         self.optimizer = None if plain else make_optimizer(config, [self.wb])
         self.sgd_lr = config.lr if plain else None
-        if not plain:
+        # fuse_sgd=False (graphs.Graphed under a schedule): plain SGD steps after the gradient, as
+        # param.add_(grad, alpha=-lr), so that the lr of a step is not frozen into the captured GEMM
+        self.fused = plain and fuse_sgd
+        if not self.fused:
             self.wb.grad = torch.zeros(10, ROW, dtype=self.x.dtype, device=device)[:, :785]
         # gather into preallocated buffers (a fresh 300 KB tensor per step costs an mmap/munmap pair);
         # the inputs' 785th column, the bias's input, stays 1
@@ -161,14 +183,24 @@ class LogRegStep:
         self._pixels = self._xb[:, :-1]
 
     def __call__(self, idx: torch.Tensor, loss_sum: torch.Tensor) -> None:
+        self.compute(idx, loss_sum)
+        self.update()
+
+    def compute(self, idx: torch.Tensor, loss_sum: torch.Tensor) -> None:
+        """The batch's loss into loss_sum, and its gradient into wb.grad (or, fused, the SGD step)."""
         xb, pixels = self._xb, self._pixels
         if idx.shape[0] != xb.shape[0]:  # an epoch's last, partial batch
             xb = xb[: idx.shape[0]]
             pixels = xb[:, :-1]
         torch.index_select(self.x, 0, idx, out=pixels)
-        logreg_step(self.wb, xb, self.onehot_t.index_select(1, idx), loss_sum, self.sgd_lr, self.wb.grad)
-        if self.sgd_lr is None:
+        lr = self.sgd_lr if self.fused else None
+        logreg_step(self.wb, xb, self.onehot_t.index_select(1, idx), loss_sum, lr, self.wb.grad)
+
+    def update(self) -> None:
+        if self.optimizer is not None:
             self.optimizer.step()
+        elif not self.fused:
+            self.wb.add_(self.wb.grad, alpha=-self.sgd_lr)
 
     def set_lr_scale(self, scale: float) -> None:
         if self.optimizer is None:
@@ -177,10 +209,18 @@ class LogRegStep:
             scale_optimizer_lr(self.optimizer, self.config, scale)
 
 
-def make_step(config: TrainConfig, model: torch.nn.Module, ds, dist: DistInfo, device: torch.device):
+def make_step(
+    config: TrainConfig,
+    model: torch.nn.Module,
+    ds,
+    dist: DistInfo,
+    device: torch.device,
+    fuse_sgd: bool = True,
+):
     """LogRegStep for logreg in one process; AutogradStep for everything else (the CNN, DDP)."""
-    kind = LogRegStep if config.model == "logreg" and not dist.distributed else AutogradStep
-    return kind(config, model, ds, dist, device)
+    if config.model == "logreg" and not dist.distributed:
+        return LogRegStep(config, model, ds, dist, device, fuse_sgd)
+    return AutogradStep(config, model, ds, dist, device)
 
 
 class Lone:
@@ -188,14 +228,25 @@ class Lone:
 
     n = 1
 
-    def __init__(self, config: TrainConfig, ds, dist: DistInfo, device: torch.device):
+    def __init__(self, config: TrainConfig, ds, dist: DistInfo, device: torch.device, fuse_sgd: bool = True):
         torch.manual_seed(config.seed)  # same seed on every rank: same init (and dropout stream)
         self.model = build_model(config.model).to(device)
-        self._step = make_step(config, self.model, ds, dist, device)
+        self._step = make_step(config, self.model, ds, dist, device, fuse_sgd)
         self.optimizer = self._step.optimizer
 
     def step(self, idx: torch.Tensor, loss_sum: torch.Tensor) -> None:
         self._step(idx[0], loss_sum[0])
+
+    def compute(self, idx: torch.Tensor, loss_sum: torch.Tensor) -> None:
+        self._step.compute(idx[0], loss_sum[0])
+
+    def update(self) -> None:
+        self._step.update()
+
+    def graph_mode(self) -> None:
+        """graphs.Graphed: keep the gradients' tensors across steps (zero them in place)."""
+        if isinstance(self._step, AutogradStep):
+            self._step.set_to_none = False
 
     def set_lr_scale(self, scale: float) -> None:
         self._step.set_lr_scale(scale)
@@ -221,17 +272,34 @@ class Lone:
             self.optimizer.load_state_dict(state["optimizer"])
 
 
+def not_graphable(configs: list[TrainConfig], dist: DistInfo) -> str | None:
+    """What keeps the population's step out of a CUDA graph (graphs.py), or None: it can be captured."""
+    if dist.distributed:
+        return "DDP (the backward pass all-reduces)"
+    if len(configs) > 1 and configs[0].model != "logreg":
+        # each model draws its dropout from its own RNG state, set with torch.cuda.set_rng_state
+        # around its draws: a captured graph cannot switch generator states
+        return f"a {configs[0].model} pack (each model's dropout has its own RNG state)"
+    return None
+
+
 def make_population(
-    configs: list[TrainConfig], ds, dist: DistInfo, device: torch.device, exact: bool | None = None
+    configs: list[TrainConfig],
+    ds,
+    dist: DistInfo,
+    device: torch.device,
+    exact: bool | None = None,
+    fuse_sgd: bool = True,
 ):
     """The models a run trains and how they step: Lone for one config, a pack for several (configs that
-    share packed.PACK_KEYS; `exact` as `packed._Pack` / `_LogRegPack` take it)."""
+    share packed.PACK_KEYS; `exact` as `packed._Pack` / `_LogRegPack` take it). `fuse_sgd=False`: plain
+    SGD updates after the gradient instead of inside its GEMM (graphs.py, under a schedule)."""
     if len(configs) == 1:
-        return Lone(configs[0], ds, dist, device)
+        return Lone(configs[0], ds, dist, device, fuse_sgd)
     if dist.distributed:
         raise ValueError("a pack trains in one process: it cannot be combined with DDP (several tasks)")
     from .packed import _LogRegPack, _Pack
 
     if configs[0].model == "logreg":
-        return _LogRegPack(configs, device, ds, bool(exact))
+        return _LogRegPack(configs, device, ds, bool(exact), fuse_sgd)
     return _Pack(configs, device, ds, exact)

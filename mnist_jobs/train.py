@@ -41,7 +41,7 @@ from torch.nn import functional as F
 
 from . import checkpoint as ckpt
 from . import data as mnist_data
-from . import tblog
+from . import graphs, tblog
 from .config import TrainConfig
 from .device import (
     SINGLE,
@@ -206,6 +206,7 @@ def train_pack(
     max_requeues: int | None = None,
     exact: bool | None = None,
     tensorboard: bool | None = None,
+    cuda_graphs: bool | str | None = None,
 ) -> list[dict[str, Any]]:
     """Train `configs` together (one, or several sharing packed.PACK_KEYS) and write one result per
     run; return the records (with `result_path`).
@@ -217,6 +218,8 @@ def train_pack(
     `exact` (packs only): True computes every model with its lone run's own kernel calls, bit-identical
     on CPU; False batches GEMMs / convolutions over the pack; default: see `packed`.
     `tensorboard`: write TensorBoard logs (tblog.py); None: unless $MNIST_JOBS_TENSORBOARD=0.
+    `cuda_graphs` (graphs.py): None - capture the step on CUDA where it can be, unless
+    $MNIST_JOBS_CUDA_GRAPHS=0; False - never; "twin" - the CPU twin of the capture (tests).
 
     Divergence: a run whose train or test loss is not finite at an evaluation has diverged. Its
     record is "failed" with error type "Diverged" and `metrics.diverged_at_iteration`; the others of a
@@ -250,7 +253,19 @@ def train_pack(
     t_start = time.perf_counter()
     try:
         _run(
-            configs, records, histories, data_dir, progress, t_start, dist, paths, ckpt_file, stop, exact, tb
+            configs,
+            records,
+            histories,
+            data_dir,
+            progress,
+            t_start,
+            dist,
+            paths,
+            ckpt_file,
+            stop,
+            exact,
+            tb,
+            cuda_graphs,
         )
         for rec in records:
             rec["status"] = "failed" if rec["error"] else "completed"  # error: set for diverged runs
@@ -386,7 +401,19 @@ class LoopState:
 
 
 def _run(
-    configs, records, histories, data_dir, progress, t_start, dist, paths, ckpt_file, stop, exact, tb
+    configs,
+    records,
+    histories,
+    data_dir,
+    progress,
+    t_start,
+    dist,
+    paths,
+    ckpt_file,
+    stop,
+    exact,
+    tb,
+    cuda_graphs,
 ) -> None:
     # -- what: one config, or a pack of configs sharing everything but lr, momentum, weight decay, seed
     #    (so its schedule too: one lr factor per step, on each model's own lr)
@@ -427,7 +454,16 @@ def _run(
 
         # -- the models and the step that trains them (each model seeded and built as its lone run;
         #    DDP: the one model, wrapped), and the loop's state: fresh, or as a checkpoint left it
-        pop = make_population(configs, ds, dist, device, exact)
+        lr_scale = lr_scale_fn(cfg)  # None: the lr is constant (set once, by the optimizers)
+        not_graphed = graphs.why_not(configs, dist, device, cuda_graphs)  # None: captured
+        # under a schedule a captured SGD update would freeze its lr: plain SGD steps after the graph
+        pop = make_population(
+            configs, ds, dist, device, exact, fuse_sgd=not_graphed is not None or lr_scale is None
+        )
+        if not_graphed is None:
+            pop = graphs.wrap(pop, (n, cfg.batch_size), device, cuda_graphs)
+        for rec in records:
+            rec["env"].update(cuda_graphs=not_graphed is None, cuda_graphs_note=not_graphed)
         synchronize(device)
         data_load_s = time.perf_counter() - t_start
         loop = LoopState(
@@ -477,7 +513,6 @@ def _run(
 
         # -- the loop
         n_train = len(ds.train_y)
-        lr_scale = lr_scale_fn(cfg)  # None: the lr is constant (set once, by the optimizers)
         startup_s = seconds_since_process_start()  # python start to the first step (this attempt)
         t_loop = time.perf_counter()
         while loop.iteration < cfg.iters:

@@ -84,7 +84,7 @@ def test_train_with_closed_form_matches_autograd_run(tmp_path, monkeypatch):
 
     cfg = TrainConfig(device="cpu", lr=0.1, iters=400, eval_every=200)
     fast = train(cfg, results_dir=tmp_path / "fast", progress=lambda p: None)
-    monkeypatch.setattr(steps_mod, "make_step", lambda c, m, d, di, dev: AutogradStep(c, m, d, di, dev))
+    monkeypatch.setattr(steps_mod, "make_step", lambda c, m, d, di, dev, *_: AutogradStep(c, m, d, di, dev))
     slow = train(cfg, results_dir=tmp_path / "slow", progress=lambda p: None)
     assert abs(fast["metrics"]["test_accuracy"] - slow["metrics"]["test_accuracy"]) <= 0.1
     assert fast["metrics"]["test_loss"] == pytest.approx(slow["metrics"]["test_loss"], abs=1e-3)
