@@ -29,7 +29,7 @@ from .config import TrainConfig
 from .results import atomic_write_bytes
 
 CKPT_KIND = "mnist-jobs/checkpoint"
-CKPT_FORMAT = 2  # 2: one file per population (lone run or pack); format 1 files are ignored
+CKPT_FORMAT = 3  # 3: lone optimizers are optim.py's (2: torch.optim; 1: per run): older files are ignored
 SUFFIX = ".ckpt.pt"
 SHORT_RUN = 2000  # runs shorter than this are not checkpointed periodically (they restart in seconds)
 MIN_EVERY = 1000  # default: every max(1000, iters / 20) iterations

@@ -11,7 +11,7 @@ is: copy the batch's indices into that buffer, replay, update.
 
 The update stays outside the graph, eager: its per-step scalars (the schedule's lr, Adam's bias
 corrections) are Python floats that a graph would freeze at their capture-time values. On CUDA it is
-torch.optim's fused kernel (one launch for all tensors; `steps.make_optimizer`) or the packed
+torch.optim's fused kernel (one launch for all tensors; `optim.make_optimizer`) or the packed
 optimizers' `_foreach_` calls. For the same reason, under a schedule, plain SGD is not fused into the
 captured GEMM (`make_population(fuse_sgd=False)`): the lr would be frozen there.
 

@@ -47,11 +47,9 @@ from torch.nn import functional as F
 
 from .config import TrainConfig
 from .models import build_model, cnn_noise
+from .optim import make_packed_optimizer
 from .packing import eval_sub_chunk, model_sizes
 from .steps import ROW, logreg_step
-
-ADAM_BETAS = (0.9, 0.999)  # torch.optim.Adam defaults, as `steps.make_optimizer` uses them
-ADAM_EPS = 1e-8
 
 
 def traced_model_sizes(name: str, batch_size: int) -> tuple[int, int]:
@@ -153,7 +151,7 @@ class _Pack:
             self.leaves = [v.requires_grad_() for v in self.params.values()]
         # per model, its parameters as views into the stacked tensors (updated in place by the optimizer)
         self.views = [{k: v[m] for k, v in self.params.items()} for m in range(self.n)]
-        self.optimizer = _make_optimizer(configs, self.params)
+        self.optimizer = make_packed_optimizer(configs, self.params)
         self.x = ds.train_x.flatten(1)  # a 2-D gather is several times faster than a 4-D one on CPU
         self.y = ds.train_y
         self.image_shape = ds.train_x.shape[1:]
@@ -312,7 +310,7 @@ class _LogRegPack:
         self.grads = [self.gbuf[self.slot[m], :, :785] for m in range(n)] if stepped else []
         self.stepped = stepped
         self.opt = (
-            _make_optimizer([configs[m] for m in stepped], {"wb": [self.wb[m] for m in stepped]})
+            make_packed_optimizer([configs[m] for m in stepped], {"wb": [self.wb[m] for m in stepped]})
             if stepped
             else None
         )
@@ -406,126 +404,3 @@ class _LogRegPack:
         w = self.buf.view(self.n * 10, ROW)
         logits = torch.addmm(w[:, 784], xs, w[:, :784].t()).view(len(xs), self.n, 10)
         return logits.permute(1, 0, 2).index_select(0, torch.tensor(self.slot, device=xs.device))
-
-
-# ---- optimizers over the stacked parameters -----------------------------------------------------
-#
-# torch.optim's single-tensor SGD / Adam (what a lone CPU run uses), applied to each model's slice of the
-# stacked tensors with that model's hyperparameters. Every per-tensor operation is the lone run's own
-# kernel call on a tensor of the same shape, batched with torch._foreach_* (one call per distinct
-# hyperparameter value), so the arithmetic is the lone run's to the bit - including the fused
-# multiply-add inside `add_(x, alpha=...)`, which a broadcast over the model dimension would not give.
-
-
-def _groups(values: Sequence[float], *, skip_zero: bool = False) -> list[tuple[float, list[int]]]:
-    """(value, model indices having it), in first-seen order; zero left out if skip_zero."""
-    out: dict[float, list[int]] = {}
-    for m, v in enumerate(values):
-        if not (skip_zero and v == 0):
-            out.setdefault(v, []).append(m)
-    return list(out.items())
-
-
-def _per_model(t: torch.Tensor | Sequence[torch.Tensor]) -> Sequence[torch.Tensor]:
-    """A stacked (N, ...) tensor's per-model views, or a list of them as given."""
-    return t.detach().unbind(0) if isinstance(t, torch.Tensor) else list(t)
-
-
-def _pick(tensors: Sequence[torch.Tensor], idx: list[int]) -> list[torch.Tensor]:
-    return [tensors[m] for m in idx]
-
-
-def _add_weight_decay(grads, params, wd_groups) -> list[torch.Tensor]:
-    """Per model `grad.add(param, alpha=wd)` where wd != 0, else the grad itself (as torch.optim)."""
-    out = list(grads)
-    for wd, idx in wd_groups:
-        for m, t in zip(idx, torch._foreach_add(_pick(grads, idx), _pick(params, idx), alpha=wd)):
-            out[m] = t
-    return out
-
-
-class _PackedSGD:
-    """torch.optim.SGD (dampening 0, no nesterov) with per-model lr, momentum and weight decay."""
-
-    def __init__(self, configs: Sequence[TrainConfig], params: dict[str, torch.Tensor]):
-        self.params = [_per_model(p) for p in params.values()]  # per tensor, per model: views
-        self.lr_groups = _groups([c.lr for c in configs])
-        self.wd_groups = _groups([c.weight_decay for c in configs], skip_zero=True)
-        self.mom_models = [m for m, c in enumerate(configs) if c.momentum != 0]
-        self.momentum = [configs[m].momentum for m in self.mom_models]
-        self.buffers: list[list[torch.Tensor] | None] = [None] * len(self.params)
-        self.lr_scale = 1.0  # the schedule's factor: each model steps with lr * lr_scale, as alone
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"buffers": [None if b is None else [t.clone() for t in b] for b in self.buffers]}
-
-    def load_state_dict(self, state: dict[str, Any], device: torch.device) -> None:
-        self.buffers = [None if b is None else [t.to(device) for t in b] for b in state["buffers"]]
-
-    @torch.no_grad()
-    def step(self, grads: Sequence[torch.Tensor]) -> None:
-        for i, (p, g) in enumerate(zip(self.params, grads)):
-            d = _add_weight_decay(_per_model(g), p, self.wd_groups)
-            if self.mom_models:
-                d_mom = _pick(d, self.mom_models)
-                bufs = self.buffers[i]
-                if bufs is None:  # first step: buf = grad.detach().clone()
-                    bufs = self.buffers[i] = [t.detach().clone() for t in d_mom]
-                else:  # buf.mul_(momentum).add_(grad, alpha=1 - dampening)
-                    torch._foreach_mul_(bufs, self.momentum)
-                    torch._foreach_add_(bufs, d_mom, alpha=1)
-                for m, buf in zip(self.mom_models, bufs):
-                    d[m] = buf
-            for lr, idx in self.lr_groups:  # param.add_(grad, alpha=-lr)
-                torch._foreach_add_(_pick(p, idx), _pick(d, idx), alpha=-(lr * self.lr_scale))
-
-
-class _PackedAdam:
-    """torch.optim.Adam (defaults: betas (0.9, 0.999), eps 1e-8, no amsgrad) with per-model lr and
-    weight decay, written as its single-tensor implementation."""
-
-    def __init__(self, configs: Sequence[TrainConfig], params: dict[str, torch.Tensor]):
-        self.params = [_per_model(p) for p in params.values()]
-        self.lr_groups = _groups([c.lr for c in configs])
-        self.wd_groups = _groups([c.weight_decay for c in configs], skip_zero=True)
-        self.exp_avg = [[torch.zeros_like(t) for t in p] for p in self.params]
-        self.exp_avg_sq = [[torch.zeros_like(t) for t in p] for p in self.params]
-        self.steps = 0
-        self.lr_scale = 1.0  # the schedule's factor: each model steps with lr * lr_scale, as alone
-
-    def state_dict(self) -> dict[str, Any]:
-        copy = (
-            [[t.clone() for t in p] for p in self.exp_avg],
-            [[t.clone() for t in p] for p in self.exp_avg_sq],
-        )
-        return {"exp_avg": copy[0], "exp_avg_sq": copy[1], "steps": self.steps}
-
-    def load_state_dict(self, state: dict[str, Any], device: torch.device) -> None:
-        self.exp_avg = [[t.to(device) for t in p] for p in state["exp_avg"]]
-        self.exp_avg_sq = [[t.to(device) for t in p] for p in state["exp_avg_sq"]]
-        self.steps = int(state["steps"])
-
-    @torch.no_grad()
-    def step(self, grads: Sequence[torch.Tensor]) -> None:
-        beta1, beta2 = ADAM_BETAS
-        self.steps += 1
-        bias_correction1 = 1 - beta1**self.steps
-        bias_correction2_sqrt = (1 - beta2**self.steps) ** 0.5
-        for i, (p, g) in enumerate(zip(self.params, grads)):
-            d = _add_weight_decay(_per_model(g), p, self.wd_groups)
-            exp_avg, exp_avg_sq = self.exp_avg[i], self.exp_avg_sq[i]
-            torch._foreach_lerp_(exp_avg, d, 1 - beta1)
-            torch._foreach_mul_(exp_avg_sq, beta2)
-            torch._foreach_addcmul_(exp_avg_sq, d, d, value=1 - beta2)
-            denom = torch._foreach_sqrt(exp_avg_sq)
-            torch._foreach_div_(denom, bias_correction2_sqrt)
-            torch._foreach_add_(denom, ADAM_EPS)
-            for lr, idx in self.lr_groups:  # param.addcdiv_(exp_avg, denom, value=-step_size)
-                step_size = lr * self.lr_scale / bias_correction1
-                torch._foreach_addcdiv_(
-                    _pick(p, idx), _pick(exp_avg, idx), _pick(denom, idx), value=-step_size
-                )
-
-
-def _make_optimizer(configs: Sequence[TrainConfig], params: dict[str, torch.Tensor]):
-    return _PackedAdam(configs, params) if configs[0].optimizer == "adam" else _PackedSGD(configs, params)

@@ -17,10 +17,11 @@ AutogradStep  any model, one process or DDP: forward, cross-entropy, backward, o
 LogRegStep    logreg in one process, without autograd. Linear(784, 10) + cross-entropy has a closed-form
               gradient: dL/dlogits = (softmax - onehot) / B and dL/d[W b] = dL/dlogits^T @ [x 1]. The bias
               is kept as a 785th weight column against a constant-1 input column, so the forward pass is
-              one GEMM and plain SGD is one fused GEMM update (addmm_); momentum, weight decay and Adam get
-              the gradient and step with torch.optim as usual. The same maths as autograd in a third of
-              the calls: about 2x the autograd step on a 2-core CPU (the tutorial run: 0.46 s -> 0.22 s),
-              and fewer kernel launches on a GPU. Float rounding differs from autograd's (tested to agree).
+              one GEMM and plain SGD is one fused GEMM update (addmm_); momentum, weight decay and Adam
+              get the gradient and step with their optimizer (optim.py) as usual. The same maths as
+              autograd in a third of the calls: about 2x the autograd step on a 2-core CPU (the
+              tutorial run: 0.46 s -> 0.22 s), and fewer kernel launches on a GPU. Float rounding
+              differs from autograd's (tested to agree).
 
 Both take the batch's indices into the training set and add the batch's mean loss into `loss_sum`, a
 0-dim tensor on the device (never read here: no host sync per step). `make_step` picks one.
@@ -34,24 +35,7 @@ from torch.nn import functional as F
 from .config import TrainConfig
 from .device import DistInfo
 from .models import build_model, cnn_noise
-
-
-def make_optimizer(config: TrainConfig, params) -> torch.optim.Optimizer:
-    """torch.optim's SGD or Adam; on CUDA their fused kernels (one launch per step for all tensors)."""
-    params = list(params)
-    fused = {"fused": True} if params and params[0].device.type == "cuda" else {}
-    if config.optimizer == "sgd":
-        return torch.optim.SGD(
-            params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay, **fused
-        )
-    return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay, **fused)
-
-
-def scale_optimizer_lr(optimizer: torch.optim.Optimizer, config: TrainConfig, scale: float) -> None:
-    """The schedule's factor on a torch.optim optimizer: every group's lr is config.lr * scale (an lr
-    a checkpointed optimizer brings back is overwritten before the next step)."""
-    for group in optimizer.param_groups:
-        group["lr"] = config.lr * scale
+from .optim import make_optimizer
 
 
 class AutogradStep:
@@ -99,7 +83,7 @@ class AutogradStep:
         self.optimizer.step()
 
     def set_lr_scale(self, scale: float) -> None:
-        scale_optimizer_lr(self.optimizer, self.config, scale)
+        self.optimizer.set_lr_scale(scale)
 
 
 ROW = 800  # floats per row of the (B, 785) inputs and (10, 785) weights: 64-byte aligned rows make the
@@ -168,8 +152,7 @@ class LogRegStep:
         self.onehot_t = F.one_hot(ds.train_y, 10).to(self.x.dtype).t().contiguous()  # (10, n)
         self.wb = fold_bias(model.linear)
         plain = config.optimizer == "sgd" and config.momentum == 0 and config.weight_decay == 0
-        # plain SGD is fused into the update GEMM: no torch.optim object at all (building one imports
-        # torch._dynamo, ~1.2 s of a 3 s process on a 2-core CPU)
+        # plain SGD is fused into the update GEMM: no optimizer object at all
         self.optimizer = None if plain else make_optimizer(config, [self.wb])
         self.sgd_lr = config.lr if plain else None
         # fuse_sgd=False (graphs.Graphed under a schedule): plain SGD steps after the gradient, as
@@ -206,7 +189,7 @@ class LogRegStep:
         if self.optimizer is None:
             self.sgd_lr = self.config.lr * scale  # fused into the update GEMM
         else:
-            scale_optimizer_lr(self.optimizer, self.config, scale)
+            self.optimizer.set_lr_scale(scale)
 
 
 def make_step(

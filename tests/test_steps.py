@@ -88,3 +88,43 @@ def test_train_with_closed_form_matches_autograd_run(tmp_path, monkeypatch):
     slow = train(cfg, results_dir=tmp_path / "slow", progress=lambda p: None)
     assert abs(fast["metrics"]["test_accuracy"] - slow["metrics"]["test_accuracy"]) <= 0.1
     assert fast["metrics"]["test_loss"] == pytest.approx(slow["metrics"]["test_loss"], abs=1e-3)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        TrainConfig(optimizer="sgd", lr=0.1, momentum=0.9, weight_decay=1e-3),
+        TrainConfig(optimizer="adam", lr=0.01, weight_decay=1e-4),
+    ],
+    ids=["sgd-momentum-wd", "adam-wd"],
+)
+def test_lone_optimizer_is_torch_optim_bit_for_bit(config):
+    """optim.LoneOptimizer (the CPU's lone optimizer, no torch._dynamo) against torch.optim itself,
+    over steps with changing gradients and a changing lr factor."""
+    from mnist_jobs.optim import LoneOptimizer
+
+    g = torch.Generator().manual_seed(0)
+    ours = [torch.randn(10, 20, generator=g), torch.randn(10, generator=g)]
+    theirs = [t.clone() for t in ours]
+    opt = LoneOptimizer(config, ours)
+    kw = {"lr": config.lr, "weight_decay": config.weight_decay}
+    ref = (
+        torch.optim.SGD(theirs, momentum=config.momentum, **kw)
+        if config.optimizer == "sgd"
+        else torch.optim.Adam(theirs, **kw)
+    )
+    for step in range(6):
+        scale = 1.0 / (step + 1)
+        for a, b in zip(ours, theirs):
+            a.grad = torch.randn(a.shape, generator=g)
+            b.grad = a.grad.clone()
+        opt.set_lr_scale(scale)
+        for group in ref.param_groups:
+            group["lr"] = config.lr * scale
+        opt.step()
+        ref.step()
+        assert all(torch.equal(a, b) for a, b in zip(ours, theirs)), step
+    state = opt.state_dict()
+    again = LoneOptimizer(config, [t.clone() for t in ours])
+    again.load_state_dict(state)
+    assert again.state_dict()["state"].keys() == state["state"].keys()

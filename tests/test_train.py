@@ -84,3 +84,19 @@ def test_cnn_reaches_98_5_within_5_epochs(tmp_path):
     cfg = TrainConfig(model="cnn", optimizer="adam", lr=0.002, batch_size=32, epochs=5, device="cpu")
     r = train(cfg, results_dir=tmp_path)
     assert r["metrics"]["test_accuracy"] >= 98.5
+
+
+def test_a_lone_cnn_adam_run_never_imports_torch_dynamo(tmp_path):
+    """torch.optim's first optimizer object imports torch._dynamo (about 1 s of a task's start-up on
+    this CPU); a lone run on the CPU steps with optim.LoneOptimizer instead (the same arithmetic)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from mnist_jobs.config import TrainConfig; from mnist_jobs.train import train; "
+        "cfg = TrainConfig(model='cnn', optimizer='adam', momentum=0, iters=4, eval_every=4, device='cpu'); "
+        f"train(cfg, results_dir={str(tmp_path)!r}, run_id='r', tensorboard=False); "
+        "print('torch._dynamo' in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip().splitlines()[-1] == "False"
