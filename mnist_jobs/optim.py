@@ -11,7 +11,8 @@ CUDA a lone run uses torch.optim's fused SGD / Adam (`TorchOptimizer`): one kern
 all its tensors.
 
 Both lone optimizers answer the same five calls: step(), zero_grad(set_to_none), set_lr_scale(s) (the
-next steps use config.lr * s: the schedule's factor), state_dict(), load_state_dict(state).
+next steps use config.lr * s: the schedule's factor), state_dict(), load_state_dict(state); and their
+state is one format, so a run checkpointed on CUDA resumes on a CPU and the other way round.
 """
 
 from __future__ import annotations
@@ -149,15 +150,18 @@ def make_packed_optimizer(configs: Sequence[TrainConfig], params: dict[str, Any]
     return PackedAdam(configs, params) if configs[0].optimizer == "adam" else PackedSGD(configs, params)
 
 
+# A lone optimizer's state, the same for both (so a run checkpointed on one device resumes on another):
+#   {"optimizer": "sgd", "per_param": [{"momentum_buffer": tensor | None}, ...]}
+#   {"optimizer": "adam", "steps": n, "per_param": [{"exp_avg": tensor, "exp_avg_sq": tensor}, ...]}
+
+
 class LoneOptimizer:
     """One model's parameters stepped by the packed optimizer of a pack of one (the CPU default)."""
 
-    kind = "packed"
-
     def __init__(self, config: TrainConfig, params: Sequence[torch.Tensor]):
         self.params = list(params)
+        self.kind = config.optimizer
         self.opt = make_packed_optimizer([config], {str(i): [p] for i, p in enumerate(self.params)})
-        self.device = self.params[0].device
 
     def step(self) -> None:
         self.opt.step([[p.grad] for p in self.params])
@@ -173,27 +177,42 @@ class LoneOptimizer:
         self.opt.lr_scale = scale
 
     def state_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "state": self.opt.state_dict()}
+        if self.kind == "sgd":
+            bufs = self.opt.buffers
+            return {
+                "optimizer": "sgd",
+                "per_param": [{"momentum_buffer": None if b is None else b[0].clone()} for b in bufs],
+            }
+        per_param = [
+            {"exp_avg": m[0].clone(), "exp_avg_sq": v[0].clone()}
+            for m, v in zip(self.opt.exp_avg, self.opt.exp_avg_sq)
+        ]
+        return {"optimizer": "adam", "steps": self.opt.steps, "per_param": per_param}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        _check_kind(state, self.kind)
-        self.opt.load_state_dict(state["state"], self.device)
+        _check(state, self.kind, len(self.params))
+        dev = self.params[0].device
+        if self.kind == "sgd":
+            bufs = [s["momentum_buffer"] for s in state["per_param"]]
+            self.opt.buffers = [None if b is None else [b.to(dev)] for b in bufs]
+        elif state["per_param"]:  # (none: saved before the first step)
+            self.opt.exp_avg = [[s["exp_avg"].to(dev)] for s in state["per_param"]]
+            self.opt.exp_avg_sq = [[s["exp_avg_sq"].to(dev)] for s in state["per_param"]]
+            self.opt.steps = int(state["steps"])
 
 
 class TorchOptimizer:
     """torch.optim's fused SGD / Adam (CUDA: one launch per step for all tensors)."""
 
-    kind = "torch-fused"
-
     def __init__(self, config: TrainConfig, params: Sequence[torch.Tensor]):
-        self.config = config
+        self.config, self.kind = config, config.optimizer
         params = list(params)
+        kw = {"lr": config.lr, "weight_decay": config.weight_decay, "fused": True}
         if config.optimizer == "sgd":
-            self.opt = torch.optim.SGD(
-                params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay, fused=True
-            )
+            self.opt = torch.optim.SGD(params, momentum=config.momentum, **kw)
         else:
-            self.opt = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay, fused=True)
+            self.opt = torch.optim.Adam(params, **kw)
+        self.n_params = len(params)
 
     def step(self) -> None:
         self.opt.step()
@@ -206,19 +225,39 @@ class TorchOptimizer:
             group["lr"] = self.config.lr * scale
 
     def state_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "state": self.opt.state_dict()}
+        st = self.opt.state_dict()["state"]
+        per = [st.get(i, {}) for i in range(self.n_params)]
+        if self.kind == "sgd":
+            return {
+                "optimizer": "sgd",
+                "per_param": [{"momentum_buffer": s.get("momentum_buffer")} for s in per],
+            }
+        steps = int(per[0]["step"]) if per and "step" in per[0] else 0
+        per_param = [{"exp_avg": s["exp_avg"], "exp_avg_sq": s["exp_avg_sq"]} for s in per] if steps else []
+        return {"optimizer": "adam", "steps": steps, "per_param": per_param}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        _check_kind(state, self.kind)
-        self.opt.load_state_dict(state["state"])
+        _check(state, self.kind, self.n_params)
+        if self.kind == "sgd":
+            st = {
+                i: {"momentum_buffer": s["momentum_buffer"]}
+                for i, s in enumerate(state["per_param"])
+                if s["momentum_buffer"] is not None
+            }
+        else:
+            step = float(state["steps"])
+            st = (
+                {i: {"step": torch.tensor(step), **s} for i, s in enumerate(state["per_param"])}
+                if step
+                else {}
+            )
+        self.opt.load_state_dict({"state": st, "param_groups": self.opt.state_dict()["param_groups"]})
 
 
-def _check_kind(state: dict[str, Any], kind: str) -> None:
-    if state.get("kind") != kind:
-        raise ValueError(
-            f"the checkpoint's optimizer state is {state.get('kind')!r}, this run steps with {kind!r} "
-            "(a run checkpointed on CUDA resumes on CUDA, one from the CPU on the CPU)"
-        )
+def _check(state: dict[str, Any], kind: str, n_params: int) -> None:
+    per = state.get("per_param", [])
+    if state.get("optimizer") != kind or (per and len(per) != n_params):
+        raise ValueError(f"the checkpoint's optimizer state is not {kind}'s for {n_params} tensors")
 
 
 def make_optimizer(config: TrainConfig, params) -> LoneOptimizer | TorchOptimizer:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from torch.nn import functional as F
@@ -127,4 +129,42 @@ def test_lone_optimizer_is_torch_optim_bit_for_bit(config):
     state = opt.state_dict()
     again = LoneOptimizer(config, [t.clone() for t in ours])
     again.load_state_dict(state)
-    assert again.state_dict()["state"].keys() == state["state"].keys()
+    for a, b in zip(again.state_dict()["per_param"], state["per_param"]):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adam"])
+def test_lone_optimizer_state_moves_between_the_cpu_and_the_cuda_optimizer(kind):
+    """A run checkpointed on CUDA (torch.optim's fused kernels) resumes on a CPU (LoneOptimizer) and
+    back: one state format. Here on CPU tensors (torch's fused kernels run on the CPU too); after the
+    hand-over both continue alike (up to the fused kernels' rounding)."""
+    from mnist_jobs.optim import LoneOptimizer, TorchOptimizer
+
+    config = TrainConfig(optimizer=kind, lr=0.05, momentum=0.9 if kind == "sgd" else 0.0, weight_decay=1e-3)
+    g = torch.Generator().manual_seed(1)
+    start = [torch.randn(6, 5, generator=g), torch.randn(6, generator=g)]
+    grads = [[torch.randn(t.shape, generator=g) for t in start] for _ in range(8)]
+
+    def run(make_first, make_second):
+        params = [t.clone() for t in start]
+        opt = make_first(config, params)
+        for step, gs in enumerate(grads):
+            if step == 4:  # checkpoint and resume with the other implementation
+                state = opt.state_dict()
+                params = [t.clone() for t in params]
+                opt = make_second(config, params)
+                opt.load_state_dict(state)
+            for p, gr in zip(params, gs):
+                p.grad = gr.clone()
+            opt.step()
+        return params
+
+    alone = run(LoneOptimizer, LoneOptimizer)
+    for first, second in ((TorchOptimizer, LoneOptimizer), (LoneOptimizer, TorchOptimizer)):
+        for a, b in zip(run(first, second), alone):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="not adam's" if kind == "sgd" else "not sgd's"):
+        other = replace(config, optimizer="adam" if kind == "sgd" else "sgd", momentum=0.0)
+        LoneOptimizer(other, [t.clone() for t in start]).load_state_dict(
+            LoneOptimizer(config, [t.clone() for t in start]).state_dict()
+        )
