@@ -145,7 +145,14 @@ def test_why_not_names_what_runs_eagerly(monkeypatch):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("config", [LOGREG, CNN], ids=["logreg-tutorial", "cnn-adam-onecycle"])
 def test_cuda_graphs_train_as_eager_on_the_gpu(tmp_path, config):
+    """The real capture against eager CUDA. logreg draws no random numbers: the same losses to float
+    rounding. The CNN's dropout under a graph comes from the same generator but through the graph's
+    own offsets, so its masks may differ from eager ones: the same training, statistically."""
     eager = train(replace(config, device="cuda"), results_dir=tmp_path / "e", run_id="r", cuda_graphs=False)
     graphed = train(replace(config, device="cuda"), results_dir=tmp_path / "g", run_id="r")
-    assert graphed["env"]["cuda_graphs"] is True
-    assert close(history(graphed), history(eager), 1e-3)
+    assert graphed["env"]["cuda_graphs"] is True and eager["env"]["cuda_graphs"] is False
+    if config.model == "logreg":
+        assert close(history(graphed), history(eager), 1e-3)
+    else:
+        assert abs(graphed["metrics"]["test_accuracy"] - eager["metrics"]["test_accuracy"]) < 3.0
+        assert close(history(graphed), history(eager), 0.15)
