@@ -186,7 +186,10 @@ def parse_scalar(name: str, text: Any) -> Any:
         return float(s)
     except (ValueError, OverflowError):
         what = "an integer" if kind is int else "a number"
-        raise ConfigError(f"{option_name(name)} must be {what} (got {s!r})") from None
+        hint, opt = "", option_name(name)
+        if s.lower().startswith(("uniform:", "loguniform:")):  # a random search's distribution
+            hint = f"; a distribution is for a random search: mnist-jobs sweep {opt} {s} --samples N"
+        raise ConfigError(f"{opt} must be {what} (got {s!r}){hint}") from None
 
 
 def parse_option(name: str, text: Any) -> list[Any]:

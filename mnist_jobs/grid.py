@@ -35,7 +35,7 @@ from .config import TRAIN_FIELDS, ConfigError, TrainConfig, option_name, parse_o
 MAX_GRID = 10_000
 MAX_SAMPLES = 100_000  # even with --yes: the points are drawn and checked before anything runs
 DISTRIBUTIONS = ("uniform", "loguniform")
-SAMPLED_FLOATS = ("lr", "momentum", "weight_decay")
+SAMPLED_FLOATS = ("lr", "momentum", "weight_decay", "warmup")
 SAMPLED_INTS = ("batch_size", "epochs", "iters")  # integers drawn in [LOW, HIGH], both included
 SIGNIFICANT_DIGITS = 3
 SEARCH_KEYS = ("samples", "search_seed")  # sweep-file keys beside the training options

@@ -201,6 +201,8 @@ def test_a_search_runs_as_ordinary_runs_and_resumes(tmp_path):
             "give --epochs or --iters, not both",
         ),
         (["--samples", "x"], "Invalid value for '--samples'"),
+        (["--warmup", "uniform:0:1", "--samples", "2"], "--warmup is a fraction of the iterations"),
+        (["--warmup", "loguniform:0:0.3", "--samples", "2"], "loguniform needs LOW > 0"),
     ],
 )
 def test_bad_search_specs_are_one_line_exit_2(tmp_path, extra, needle):
@@ -259,3 +261,16 @@ def test_fuzz_search_specs(option, spec, samples, search_seed):
         assert len(lines) == 1 and lines[0].startswith("Error: "), (args, res.output)
     else:
         assert "dry run: nothing submitted" in res.output
+
+
+def test_warmup_is_sampled_in_its_range():
+    got = [p["warmup"] for p in points({"warmup": "uniform:0:0.3", "schedule": "cosine"}, samples=20)]
+    assert len(set(got)) > 10 and all(0 <= w <= 0.3 for w in got)
+
+
+def test_train_given_a_distribution_points_to_the_random_search(tmp_path):
+    line = refused(["train", "--lr", "loguniform:1e-4:1e-2", *FAST], tmp_path / "results")
+    assert (
+        "a distribution is for a random search: mnist-jobs sweep --lr loguniform:1e-4:1e-2 --samples N"
+        in line
+    )
