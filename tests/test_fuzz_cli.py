@@ -89,9 +89,11 @@ SWEEP_ONLY = {
     "--retry-failed": ["x"],
     "--force": ["x"],
     "--yes": ["x"],
+    "--samples": ["1", "3", "0", "-2", str(10**6)],
+    "--search-seed": ["0", "7", "-1", str(2**64)],
 }
 # These could start something long or remote: only ever as a dry run.
-DRY = {"--iters", "--epochs", "--batch-size", *SLURM}
+DRY = {"--iters", "--epochs", "--batch-size", "--samples", *SLURM}
 TOML_KEYS = ["name", "model", "lr", "seed", "iters", "batch_size", "device", "slurm", "bogus"]
 TOML_KEYS += ["schedule", "warmup", "normalize"]
 TOML_VALUES = st.one_of(
