@@ -180,11 +180,3 @@ def all_reduce_sum(*tensors: torch.Tensor) -> None:
     if tdist.is_available() and tdist.is_initialized():
         for t in tensors:
             tdist.all_reduce(t, op=tdist.ReduceOp.SUM)
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

@@ -26,8 +26,9 @@ import torch
 from mnist_jobs import checkpoint as ckpt
 from mnist_jobs import sweepdir
 from mnist_jobs.config import TrainConfig
-from mnist_jobs.device import DistInfo, free_port
+from mnist_jobs.device import DistInfo
 from mnist_jobs.grid import sweep_run_id
+from mnist_jobs.local import free_port
 from mnist_jobs.sweepdir import claim_run, read_manifest, run_is_claimed
 from mnist_jobs.train import Interrupted, StopFlag, train
 

@@ -12,7 +12,8 @@ from typer.testing import CliRunner
 
 from mnist_jobs.cli import app
 from mnist_jobs.config import TrainConfig
-from mnist_jobs.device import DistInfo, free_port
+from mnist_jobs.device import DistInfo
+from mnist_jobs.local import free_port
 from mnist_jobs.train import train
 
 runner = CliRunner()

@@ -21,7 +21,8 @@ import torch
 
 from mnist_jobs import tblog
 from mnist_jobs.config import TrainConfig
-from mnist_jobs.device import DistInfo, free_port
+from mnist_jobs.device import DistInfo
+from mnist_jobs.local import free_port
 from mnist_jobs.train import Interrupted, StopFlag, train, train_pack
 
 pytest.importorskip("tensorboard", reason="the tensorboard extra (installed by dev)")
