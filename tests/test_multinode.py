@@ -190,20 +190,29 @@ def test_two_node_run_requeued_mid_run_resumes_on_both_nodes(uninterrupted, resu
     assert [s for s, _ in final_attempts(job_id)] == ["REQUEUED", "COMPLETED"]
 
 
+@pytest.mark.parametrize("dies", ["rank 1's node", "the batch host"])
 def test_node_failure_mid_run_is_requeued_onto_the_nodes_left_and_resumes(
-    uninterrupted, results, monkeypatch
+    uninterrupted, results, monkeypatch, dies
 ):
+    """A node of a running 2-node job loses power: rank 1's, or the batch host (rank 0's, where the
+    job's batch script and srun run). The rank left stops on its collective timeout and writes no
+    result; SLURM marks the node down, requeues the job onto the nodes left, and it resumes from the
+    last periodic checkpoint, bit for bit the uninterrupted run."""
     # the ranks' collective timeout, shorter than SLURM's SlurmdTimeout: the survivor gives up first
     monkeypatch.setenv("MNIST_JOBS_DIST_TIMEOUT_S", "8")
-    folder, [job_id] = submit(results, "mnnodefail", *TWO_NODES)
+    name = "mnnodefail" if dies == "rank 1's node" else "mnbatchfail"
+    folder, [job_id] = submit(results, name, *TWO_NODES)
     wait_running_with_checkpoint(folder, job_id)
-    first, second = expand(squeue(job_id, "%N"))
+    nodes = expand(squeue(job_id, "%N"))
+    batch_host = squeue(job_id, "%B")
+    assert batch_host == nodes[0], (batch_host, nodes)  # rank 0 runs where the batch script does
+    killed, survivor_rank = (nodes[1], 0) if dies == "rank 1's node" else (batch_host, 1)
     killed_at = time.monotonic()
-    subprocess.run(["bash", str(CLUSTER), "kill-node", second], check=True, capture_output=True, timeout=60)
+    subprocess.run(["bash", str(CLUSTER), "kill-node", killed], check=True, capture_output=True, timeout=60)
     try:
-        # the node holding rank 1 is gone: no result may appear for this attempt, failed or otherwise
+        # a node of the job is gone: no result may appear for this attempt, failed or otherwise
         deadline = time.monotonic() + 120
-        while squeue(job_id, "%T") == "RUNNING" and expand(squeue(job_id, "%N")) == [first, second]:
+        while squeue(job_id, "%T") == "RUNNING" and expand(squeue(job_id, "%N")) == nodes:
             assert not (folder / f"{RUN_ID}.json").exists(), record(folder)
             assert time.monotonic() < deadline, "the job still runs on the dead node"
             time.sleep(0.5)
@@ -211,30 +220,28 @@ def test_node_failure_mid_run_is_requeued_onto_the_nodes_left_and_resumes(
         assert row["state"] == "COMPLETED", row
         rec = record(folder)
         assert_two_hosts(rec)
-        assert second not in rec["distributed"]["hosts"]  # it finished on the nodes left
+        assert killed not in rec["distributed"]["hosts"]  # it finished on the nodes left
         ck = rec["checkpointing"]
         assert ck["resumes"] == 1 and ck["resumed_from_iteration"] % 500 == 0, ck  # a periodic checkpoint
         ref = uninterrupted["record"]
         assert rec["metrics"]["history"] == ref["metrics"]["history"]
         assert rec["metrics"]["test_accuracy"] == ref["metrics"]["test_accuracy"]
         attempts = final_attempts(job_id)
-        assert attempts[0][0] == "NODE_FAIL" and second in expand(attempts[0][1]), attempts
+        assert attempts[0][0] == "NODE_FAIL" and killed in expand(attempts[0][1]), attempts
         assert attempts[-1][0] == "COMPLETED" and len(attempts) == 2, attempts
         assert squeue(job_id, "%T") == ""  # nothing left in the queue
-        # the survivor (rank 0) stopped on the collective timeout, before SLURM noticed the node
-        err = (folder / "logs" / f"{job_id}_0_log.err").read_text()
-        assert "lost its peers" in err and "Timed out" in err, err[-2000:]
-        status = runner.invoke(
-            app, ["status", "mnnodefail", "--results-dir", str(results)], env={"COLUMNS": "200"}
-        )
+        # the survivor stopped on the collective timeout, before SLURM noticed the node
+        err = (folder / "logs" / f"{job_id}_{survivor_rank}_log.err").read_text()
+        assert "lost its peers" in err and (survivor_rank == 1 or "Timed out" in err), err[-2000:]
+        status = runner.invoke(app, ["status", name, "--results-dir", str(results)], env={"COLUMNS": "200"})
         assert status.exit_code == 0
         assert "NODE_FAIL" in status.output and "requeued 1x" in status.output, status.output
-        print(f"node failure to completed result: {time.monotonic() - killed_at:.1f} s")
+        print(f"{dies} lost; to the completed result: {time.monotonic() - killed_at:.1f} s")
     finally:
-        subprocess.run(["bash", str(CLUSTER), "revive-node", second], capture_output=True, timeout=60)
+        subprocess.run(["bash", str(CLUSTER), "revive-node", killed], capture_output=True, timeout=60)
         deadline = time.monotonic() + 60
         while subprocess.run(["bash", str(CLUSTER), "status"], capture_output=True).returncode != 0:
-            assert time.monotonic() < deadline, f"{second} did not come back"
+            assert time.monotonic() < deadline, f"{killed} did not come back"
             time.sleep(0.5)
 
 
