@@ -261,22 +261,3 @@ def load_result(path: Path | str) -> LoadedResult:
 def result_path(folder: Path | str, run_id: str) -> Path:
     """A run's result file: `<folder>/<run_id>.json` (its weights beside it, `.pt`)."""
     return Path(folder) / f"{run_id}.json"
-
-
-def iter_result_paths(root: Path | str) -> list[Path]:
-    """Every result file under root (or root itself), sorted: `sweepdir.scan`'s rule."""
-    from .sweepdir import scan
-
-    return scan(root)[0]
-
-
-def load_results(root: Path | str) -> tuple[list[LoadedResult], list[tuple[Path, str]]]:
-    """All results under root, and (path, reason) for every JSON file that was skipped."""
-    good: list[LoadedResult] = []
-    bad: list[tuple[Path, str]] = []
-    for path in iter_result_paths(root):
-        try:
-            good.append(load_result(path))
-        except ResultError as e:
-            bad.append((path, str(e)))
-    return good, bad

@@ -85,8 +85,7 @@ def read_manifest(folder: Path) -> dict[str, Any] | None:
 
 def scan(root: Path | str) -> tuple[list[Path], list[Path]]:
     """(result files, sweep manifests) under root, sorted, in one walk: every *.json but dotfiles
-    (temp files, claims) and `sweep.json`, which is the manifest. `results.load_results` and `report`
-    read a tree through this."""
+    (temp files, claims) and `sweep.json`, which is the manifest. `report` reads a tree through this."""
     root = Path(root)
     if root.is_file():
         return ([], [root]) if root.name == MANIFEST else ([root], [])

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from mnist_jobs.results import ResultError, atomic_write_json, load_results, parse_result
+from mnist_jobs.report import load_runs
+from mnist_jobs.results import ResultError, atomic_write_json, parse_result
 
 
 def test_atomic_write_replaces_whole_file(tmp_path):
@@ -70,9 +71,9 @@ def test_loader_skips_foreign_truncated_and_future_files(tmp_path):
     (tmp_path / "trunc.json").write_text(json.dumps(good)[:20])
     (tmp_path / "foreign.json").write_text('{"hello": "world"}')
     atomic_write_json(tmp_path / "future.json", {**good, "schema_version": 99})
-    ok, bad = load_results(tmp_path)
-    assert [r.run_id for r in ok] == ["x"]
-    assert sorted(p.name for p, _ in bad) == ["foreign.json", "future.json", "trunc.json"]
+    ok, bad = load_runs(tmp_path)  # what `report` reads
+    assert [r["run_id"] for r in ok] == ["x"]
+    assert sorted(Path(p).name for p, _ in bad) == ["foreign.json", "future.json", "trunc.json"]
     with pytest.raises(ResultError, match="newer"):
         parse_result(json.dumps({**good, "schema_version": 99}))
 
