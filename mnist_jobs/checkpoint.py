@@ -4,7 +4,7 @@ atomic file.
 `<run_id>.ckpt.pt` sits beside a lone run's result; a pack's is `pack-<hash of its run ids>.ckpt.pt`,
 one file for all its models, so the pack's runs can never be found at different iterations. It holds the
 training loop's state (`train.LoopState`: iteration, histories, loss accumulators, the shuffling
-generators, the rest of the epoch's batches, timings), the population's (`steps.make_population`:
+generators, the rest of the epoch's batches, timings), the population's (`population.make_population`:
 models, optimizers, a pack's per-model dropout RNG states) and every rank's RNG states (torch CPU, CUDA
 or MPS, python `random`) and partial loss: enough for a resumed run to give bit for bit the history of
 an uninterrupted one (on the CPU; CUDA kernels may not be deterministic). It is rewritten atomically

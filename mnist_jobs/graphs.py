@@ -2,7 +2,7 @@
 
 On a GPU these models are launch-bound: a logreg step is about 10 kernels, a CNN step about 80 (forward,
 backward, dropout), each 5-15 µs to launch against microseconds of work. `Graphed` wraps any population
-(`steps.make_population`) whose step can be captured. A population's step is `compute(idx, loss_sum)`
+(`population.make_population`) whose step can be captured. A population's step is `compute(idx, loss_sum)`
 (gather, forward, loss, backward - or logreg's closed form - and, for plain SGD at a constant lr, the
 fused update) followed by `update()` (the optimizer's step). `Graphed` runs the first WARMUP steps
 eagerly (on a side stream, as torch's docs ask: lazy cuBLAS/cuDNN set-up and the gradients' first
@@ -37,7 +37,7 @@ from collections.abc import Callable
 
 import torch
 
-from .steps import not_graphable
+from .population import not_graphable
 
 WARMUP = 3  # eager steps before the capture
 ENV = "MNIST_JOBS_CUDA_GRAPHS"  # 0: never capture

@@ -4,7 +4,7 @@
 
 train()'s one loop trains a pack as it trains a lone run (checkpoints, signals, requeue, weights and
 records are the loop's); what is specific to training packs lives here: the stacked models and how they
-step (`_LogRegPack`, `_Pack`, made by `steps.make_population`) and the packed optimizers. Planning packs
+step (`_LogRegPack`, `_Pack`, made by `population.make_population`) and the packed optimizers. Planning packs
 (grouping a grid, PACK_KEYS, memory sizing) is torch-free, in `packing.py`.
 
 The N models' parameters are stacked into (N, ...) tensors and trained in

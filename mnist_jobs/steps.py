@@ -1,15 +1,7 @@
-"""The step: what trains a population of N >= 1 models on one batch each - the body of train()'s loop.
+"""The lone step: one model (`Lone`, a population of one; population.py) trained on one batch - the
+body of train()'s loop for a lone run. (Packs of N models: packed.py.)
 
-`make_population(configs, ds, dist, device)` gives the population for 1 or N models; train()'s loop
-only ever talks to it through the same six calls: `step(idx, loss_sum)` (idx: (N, B) batch indices,
-loss_sum: (N,) running losses), `set_lr_scale(s)` (the next steps train each model with its own lr
-times s: the schedule's factor, see schedule.py), `eval_logits(images)` -> (N, len, 10), `weights(m)`
-(model m's state_dict, loadable by `build_model(name)`), and `state_dict()` / `load_state_dict()` for
-checkpoints.
-
-Lone          one model (a population of one): a LogRegStep or an AutogradStep on an nn.Module.
-packed.py     N models stacked: `_LogRegPack` (closed-form logreg, seed-grouped GEMMs) and `_Pack` (the
-              CNN: per-model kernels on CPU, vmap on GPUs), with their packed optimizers.
+Lone          one model: a LogRegStep or an AutogradStep on an nn.Module.
 
 The lone steps, in two implementations:
 
@@ -253,36 +245,3 @@ class Lone:
         self.model.load_state_dict(state["model"])
         if self.optimizer is not None:
             self.optimizer.load_state_dict(state["optimizer"])
-
-
-def not_graphable(configs: list[TrainConfig], dist: DistInfo) -> str | None:
-    """What keeps the population's step out of a CUDA graph (graphs.py), or None: it can be captured."""
-    if dist.distributed:
-        return "DDP (the backward pass all-reduces)"
-    if len(configs) > 1 and configs[0].model != "logreg":
-        # each model draws its dropout from its own RNG state, set with torch.cuda.set_rng_state
-        # around its draws: a captured graph cannot switch generator states
-        return f"a {configs[0].model} pack (each model's dropout has its own RNG state)"
-    return None
-
-
-def make_population(
-    configs: list[TrainConfig],
-    ds,
-    dist: DistInfo,
-    device: torch.device,
-    exact: bool | None = None,
-    fuse_sgd: bool = True,
-):
-    """The models a run trains and how they step: Lone for one config, a pack for several (configs that
-    share packed.PACK_KEYS; `exact` as `packed._Pack` / `_LogRegPack` take it). `fuse_sgd=False`: plain
-    SGD updates after the gradient instead of inside its GEMM (graphs.py, under a schedule)."""
-    if len(configs) == 1:
-        return Lone(configs[0], ds, dist, device, fuse_sgd)
-    if dist.distributed:
-        raise ValueError("a pack trains in one process: it cannot be combined with DDP (several tasks)")
-    from .packed import _LogRegPack, _Pack
-
-    if configs[0].model == "logreg":
-        return _LogRegPack(configs, device, ds, bool(exact), fuse_sgd)
-    return _Pack(configs, device, ds, exact)

@@ -4,7 +4,7 @@
     records = train_pack([cfg_a, cfg_b], results_dir="results", run_ids=["a", "b"])
 
 writes `results/<run_id>.json` per run (atomically) and returns the same dicts. A lone run is a pack of
-one: the same loop trains a population of N >= 1 models (`steps.make_population`) on 1..M ranks (DDP,
+one: the same loop trains a population of N >= 1 models (`population.make_population`) on 1..M ranks (DDP,
 N = 1), and everything around the step is written once - data, batch order, evaluation cadence,
 history, checkpoints and resume, stopping on a signal, the records and the weights. A run that raises
 still leaves a record with status "failed" and the error (every run of a pack does). No typer, rich or
@@ -55,6 +55,7 @@ from .device import (
     synchronize,
 )
 from .packing import EVAL_CHUNK, PackError, check_pack_fits, check_same_pack_keys
+from .population import make_population
 from .results import (
     RESULT_KIND,
     SCHEMA_VERSION,
@@ -67,7 +68,6 @@ from .results import (
     utc_now,
 )
 from .schedule import lr_scale_fn
-from .steps import make_population
 
 STOP_POLL_DDP = 20  # under DDP the ranks agree on a stop request every N iterations (one tiny all-reduce)
 

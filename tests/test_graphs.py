@@ -18,7 +18,7 @@ from mnist_jobs import data as mnist_data
 from mnist_jobs import graphs
 from mnist_jobs.config import TrainConfig
 from mnist_jobs.device import SINGLE, DistInfo
-from mnist_jobs.steps import make_population
+from mnist_jobs.population import make_population
 from mnist_jobs.train import Interrupted, StopFlag, train, train_pack
 
 LOGREG = TrainConfig(iters=400, eval_every=100)  # the tutorial preset, shorter
