@@ -578,7 +578,7 @@ def _run_here(console, plan, tasks, groups) -> None:
 
 
 def _result(folder: Path, run_id: str):
-    from .sweepdir import result_status
+    from .claims import result_status
 
     return result_status(folder, run_id)
 

@@ -21,9 +21,9 @@ from typing import Any
 
 from submitit.helpers import Checkpointable
 
+from .claims import claim_run, result_status
 from .config import TrainConfig
 from .results import atomic_write_json, result_path
-from .sweepdir import claim_run, result_status
 
 DEFAULT_MAX_REQUEUES = 3
 
@@ -39,7 +39,7 @@ class TrainTask(Checkpointable):
     next iteration boundary, then submitit calls `checkpoint()` and requeues the job, which resumes from
     that checkpoint (at most `max_requeues` times). On SIGTERM (scancel, `scontrol requeue`, preemption
     without a user signal) it checkpoints and exits; whatever SLURM starts again resumes likewise.
-    Each run is claimed (a lock held while it trains, see sweepdir.claim_run), so two sweeps sharing a
+    Each run is claimed (a lock held while it trains, see claims.claim_run), so two sweeps sharing a
     folder never train the same run at once, and a run completed elsewhere meanwhile is not trained
     again. In a DDP job rank 0 claims, and the other ranks train exactly what it admitted.
     """

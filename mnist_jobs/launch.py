@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .claims import warn_if_claims_node_local
 from .config import ConfigError, SlurmConfig, TrainConfig, check_no_control, option_name, parse_slurm_opt
 from .grid import (
     MAX_GRID,
@@ -35,7 +36,7 @@ from .grid import (
 )
 from .job import DEFAULT_MAX_REQUEUES, TrainTask
 from .slurm import LaunchError
-from .sweepdir import LOG_DIR, plan_runs, record_submission, warn_if_claims_node_local
+from .sweepdir import LOG_DIR, plan_runs, record_submission
 
 EXECUTORS = ("auto", "slurm", "local", "debug")
 SLURM_FIELDS = tuple(f.name for f in dataclasses.fields(SlurmConfig))

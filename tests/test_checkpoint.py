@@ -24,12 +24,13 @@ import pytest
 import torch
 
 from mnist_jobs import checkpoint as ckpt
-from mnist_jobs import sweepdir
+from mnist_jobs import claims
+from mnist_jobs.claims import claim_run, run_is_claimed
 from mnist_jobs.config import TrainConfig
 from mnist_jobs.device import DistInfo
 from mnist_jobs.grid import sweep_run_id
 from mnist_jobs.local import free_port
-from mnist_jobs.sweepdir import claim_run, read_manifest, run_is_claimed
+from mnist_jobs.sweepdir import read_manifest
 from mnist_jobs.train import Interrupted, StopFlag, train
 
 REPO = Path(__file__).resolve().parent.parent
@@ -141,7 +142,7 @@ def test_claims_are_exclusive_and_released(tmp_path):
             [
                 sys.executable,
                 "-c",
-                f"from mnist_jobs.sweepdir import run_is_claimed; from pathlib import Path; "
+                f"from mnist_jobs.claims import run_is_claimed; from pathlib import Path; "
                 f"print(run_is_claimed(Path({str(tmp_path)!r}), 'r'))",
             ],
             capture_output=True,
@@ -157,7 +158,7 @@ def test_claims_are_exclusive_and_released(tmp_path):
 def test_a_claim_excludes_other_processes_and_dies_with_its_holder(tmp_path):
     """Another process's claim refuses ours (and the probe sees it); kill -9 of the holder frees it."""
     code = (
-        "import sys, time; from pathlib import Path; from mnist_jobs.sweepdir import claim_run\n"
+        "import sys, time; from pathlib import Path; from mnist_jobs.claims import claim_run\n"
         f"with claim_run(Path({str(tmp_path)!r}), 'r') as held:\n"
         "    print(held, flush=True); time.sleep(60)\n"
     )
@@ -175,7 +176,7 @@ def test_a_claim_excludes_other_processes_and_dies_with_its_holder(tmp_path):
         assert mine
 
 
-@pytest.mark.skipif(not sweepdir._ofd, reason="claims are flocks here (no F_OFD_* locks)")
+@pytest.mark.skipif(not claims._ofd, reason="claims are flocks here (no F_OFD_* locks)")
 def test_struct_flock_layout_matches_the_kernel(tmp_path):
     """FLOCK packs struct flock as the kernel reads it: 32 bytes, and F_OFD_GETLK reports another
     process's byte-range lock with the right type, start, length and pid."""
@@ -190,7 +191,7 @@ def test_struct_flock_layout_matches_the_kernel(tmp_path):
             ("l_pid", ctypes.c_int32),
         ]
 
-    assert sweepdir.FLOCK.size == ctypes.sizeof(Flock) == 32
+    assert claims.FLOCK.size == ctypes.sizeof(Flock) == 32
     assert [getattr(Flock, f).offset for f, _ in Flock._fields_] == [0, 2, 8, 16, 24]
     path = tmp_path / "f"
     path.write_bytes(b"x" * 16)
@@ -203,21 +204,21 @@ def test_struct_flock_layout_matches_the_kernel(tmp_path):
     try:
         assert holder.stdout.readline().strip() == "locked"
         with open(path, "rb") as f:
-            query = sweepdir.FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)
-            got = sweepdir.FLOCK.unpack(fcntl.fcntl(f, fcntl.F_OFD_GETLK, query))
+            query = claims.FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)
+            got = claims.FLOCK.unpack(fcntl.fcntl(f, fcntl.F_OFD_GETLK, query))
         assert got == (fcntl.F_WRLCK, os.SEEK_SET, 3, 5, holder.pid)
     finally:
         holder.kill()
         holder.wait()
     with open(path, "rb") as f:  # and nothing once it is gone
-        got = sweepdir.FLOCK.unpack(fcntl.fcntl(f, fcntl.F_OFD_GETLK, query))
+        got = claims.FLOCK.unpack(fcntl.fcntl(f, fcntl.F_OFD_GETLK, query))
     assert got[0] == fcntl.F_UNLCK
 
 
 PROBER = """
 import sys
 from pathlib import Path
-from mnist_jobs.sweepdir import run_is_claimed
+from mnist_jobs.claims import run_is_claimed
 folder, stop = Path(sys.argv[1]), Path(sys.argv[2])
 probes = seen = 0
 print("probing", flush=True)
@@ -284,7 +285,7 @@ def test_probing_a_claim_never_refuses_it(tmp_path):
     ],
 )
 def test_node_local_lock_mount_options(fstype, options, local):
-    assert (sweepdir.node_local_locks(fstype, options) is not None) == local
+    assert (claims.node_local_locks(fstype, options) is not None) == local
 
 
 def test_mount_of_finds_the_deepest_mount_holding_a_folder():
@@ -295,13 +296,13 @@ def test_mount_of_finds_the_deepest_mount_holding_a_folder():
         41 40 0:51 / /shared/my\\040lab rw - nfs srv:/lab rw,vers=3,nolock,addr=10.0.0.1
         """
     )
-    assert sweepdir.mount_of("/shared/my lab/sweeps/a", mountinfo) == (
+    assert claims.mount_of("/shared/my lab/sweeps/a", mountinfo) == (
         "/shared/my lab",
         "nfs",
         "rw,rw,vers=3,nolock,addr=10.0.0.1",
     )
-    assert sweepdir.mount_of("/shared/mylab", mountinfo)[:2] == ("/shared", "nfs4")
-    assert sweepdir.mount_of("/home/x", mountinfo)[:2] == ("/", "ext4")
+    assert claims.mount_of("/shared/mylab", mountinfo)[:2] == ("/shared", "nfs4")
+    assert claims.mount_of("/home/x", mountinfo)[:2] == ("/", "ext4")
 
 
 def test_claims_warn_once_and_go_on_where_locks_fail_or_are_node_local(tmp_path, monkeypatch, capsys):
@@ -311,11 +312,11 @@ def test_claims_warn_once_and_go_on_where_locks_fail_or_are_node_local(tmp_path,
     def no_locks(*args, **kwargs):
         raise OSError(errno.ENOLCK, "No locks available")
 
-    monkeypatch.setattr(sweepdir, "_warned", set())
-    monkeypatch.setattr(sweepdir, "_checked", set())
+    monkeypatch.setattr(claims, "_warned", set())
+    monkeypatch.setattr(claims, "_checked", set())
     with monkeypatch.context() as m:
-        m.setattr(sweepdir.fcntl, "fcntl", no_locks)
-        m.setattr(sweepdir.fcntl, "flock", no_locks)
+        m.setattr(claims.fcntl, "fcntl", no_locks)
+        m.setattr(claims.fcntl, "flock", no_locks)
         for run_id in ("a", "b"):
             with claim_run(tmp_path, run_id) as mine:
                 assert mine
@@ -324,9 +325,9 @@ def test_claims_warn_once_and_go_on_where_locks_fail_or_are_node_local(tmp_path,
     assert line.startswith("Warning: claims unavailable on ") and "ENOLCK" in line
     assert line.endswith("two sweeps sharing this folder may train a run twice")
 
-    monkeypatch.setattr(sweepdir, "_warned", set())
+    monkeypatch.setattr(claims, "_warned", set())
     nfs = ("/shared", "nfs", "rw,vers=3,local_lock=all")
-    monkeypatch.setattr(sweepdir, "mount_of", lambda path, text: nfs)
+    monkeypatch.setattr(claims, "mount_of", lambda path, text: nfs)
     for run_id in ("a", "b"):
         with claim_run(tmp_path, run_id) as mine:
             assert mine and run_is_claimed(tmp_path, run_id)  # (a real lock, seen on this node)
@@ -448,7 +449,8 @@ def test_ddp_admission_is_what_rank_0_claimed(tmp_path, monkeypatch):
 POLLER = """
 import sys, time
 from pathlib import Path
-from mnist_jobs.sweepdir import ManifestError, run_is_claimed, run_states
+from mnist_jobs.claims import run_is_claimed
+from mnist_jobs.sweepdir import ManifestError, run_states
 folder, ids, stop = Path(sys.argv[1]), sys.argv[2].split(","), Path(sys.argv[3])
 probes = seen = 0
 while not stop.exists():
