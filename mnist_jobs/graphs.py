@@ -20,6 +20,8 @@ What is captured (`why_not` says why not, and the result records it under env.cu
   not: DDP (the backward pass all-reduces), CNN packs (each model's dropout comes from its own RNG
   state, set with torch.cuda.set_rng_state around its draws), other devices, $MNIST_JOBS_CUDA_GRAPHS=0.
   An epoch's last, partial batch (another shape) runs eagerly; so does any step before the capture.
+  A capture that fails on the GPU (an op a graph cannot hold) warns once and the run goes on eagerly;
+  its record then says so in env.cuda_graphs_note.
 
 The CPU twin (`TwinGraph`, `cuda_graphs="twin"`): records the aten calls of one `compute` under a
 TorchDispatchMode - Python scalars by value, tensors by identity, as a CUDA graph keeps them by address
@@ -33,6 +35,7 @@ No typer, rich or submitit in here.
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable
 
 import torch
@@ -139,23 +142,34 @@ class Graphed:
         self.optimizer = getattr(pop, "optimizer", None)
         self.eager_steps = 0
         self.replays = 0
+        self.fallback: str | None = None  # set when the capture failed on the GPU: eager from then on
         self._idx: torch.Tensor | None = None  # the static batch the graph reads
         self._loss_sum: torch.Tensor | None = None  # ... and the accumulator it adds into
         if hasattr(pop, "graph_mode"):
             pop.graph_mode()
 
     def step(self, idx: torch.Tensor, loss_sum: torch.Tensor) -> None:
-        if tuple(idx.shape) != self.batch_shape:  # an epoch's last, partial batch: not the graph's
+        if tuple(idx.shape) != self.batch_shape or self.fallback:  # a partial batch: not the graph's
             self.pop.compute(idx, loss_sum)
         elif self.eager_steps < WARMUP and self._idx is None:
             self.backend.warmup(lambda: self.pop.compute(idx, loss_sum))
             self.eager_steps += 1
         elif self._idx is None:
             self._idx, self._loss_sum = idx.clone(), loss_sum
-            self.backend.capture(lambda: self.pop.compute(self._idx, self._loss_sum))
-            if not self.backend.executes_on_capture:
-                self.backend.replay()
-            self.replays += 1
+            try:
+                self.backend.capture(lambda: self.pop.compute(self._idx, self._loss_sum))
+            except RuntimeError as e:
+                if self.backend.executes_on_capture:  # (the twin: half a step has run) a test's error
+                    raise
+                # a CUDA capture runs nothing: the step is still to do, eagerly, as every later one
+                first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+                self.fallback = f"the capture failed, so the run went on eagerly ({first})"
+                print(f"warning: CUDA graphs: {self.fallback}", file=sys.stderr, flush=True)
+                self.pop.compute(idx, loss_sum)
+            else:
+                if not self.backend.executes_on_capture:
+                    self.backend.replay()
+                self.replays += 1
         else:
             if loss_sum is not self._loss_sum:
                 raise RuntimeError("the loss accumulator was replaced after the capture")

@@ -580,7 +580,10 @@ def _run(
                     save_weights(pop.weights(m), path.with_suffix(".pt"))
 
     it, train_s = loop.iteration, loop.train_s
+    fallback = getattr(pop, "fallback", None)  # graphs.Graphed whose capture failed: it ran eagerly
     for rec, history, path, c in zip(records, histories, paths, configs):
+        if fallback:
+            rec["env"].update(cuda_graphs=False, cuda_graphs_note=fallback)
         final = history[-1]
         rec["model_path"] = str(path.with_suffix(".pt"))
         rec["metrics"] = {

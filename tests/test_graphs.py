@@ -105,6 +105,34 @@ def test_twin_refuses_a_host_sync_inside_the_step():
         pop.step(idx, loss)
 
 
+def test_a_capture_that_fails_on_the_gpu_goes_on_eagerly(one_thread, capsys):
+    """A CUDA capture runs nothing, so when it fails (an op a graph cannot hold) the step is still to
+    do: it runs eagerly, as every later one, with one warning. (A backend that fails as CUDA's does.)"""
+
+    class FailingCapture(graphs.TwinGraph):
+        executes_on_capture = False
+
+        def capture(self, fn):
+            raise RuntimeError("operation not permitted when stream is capturing\nmore")
+
+    ds = mnist_data.load(None)
+    idx = torch.randint(0, len(ds.train_y), (12, 1, 100), generator=torch.Generator().manual_seed(0))
+
+    def weights(graphed: bool) -> torch.Tensor:
+        pop = make_population([LOGREG], ds, SINGLE, torch.device("cpu"))
+        if graphed:
+            pop = graphs.Graphed(pop, (1, 100), FailingCapture())
+        loss = torch.zeros(1)
+        for t in range(12):
+            pop.step(idx[t], loss)
+        return pop, pop.weights(0)["linear.weight"].clone()
+
+    pop, got = weights(True)
+    assert torch.equal(got, weights(False)[1])
+    assert pop.fallback.startswith("the capture failed, so the run went on eagerly (operation not permitted")
+    assert capsys.readouterr().err.count("warning: CUDA graphs:") == 1
+
+
 def test_twin_partial_batches_run_eagerly(tmp_path, one_thread):
     """An epoch's last batch (60000 % 7 = 3 samples) is another shape: eager, and the graph goes on."""
     cfg = TrainConfig(batch_size=7, iters=8580, eval_every=4290, lr=0.01)  # one epoch is 8572 steps
