@@ -23,7 +23,7 @@ from mnist_jobs.train import Interrupted, StopFlag, train, train_pack
 
 LOGREG = TrainConfig(iters=400, eval_every=100)  # the tutorial preset, shorter
 CNN = TrainConfig(
-    model="cnn", optimizer="adam", lr=0.002, weight_decay=1e-4, batch_size=16, iters=120, eval_every=40,
+    model="cnn", optimizer="adam", lr=0.002, weight_decay=1e-4, batch_size=16, iters=60, eval_every=20,
     schedule="onecycle", warmup=0.2, normalize=True,
 )  # fmt: skip
 
@@ -134,8 +134,9 @@ def test_a_capture_that_fails_on_the_gpu_goes_on_eagerly(one_thread, capsys):
 
 
 def test_twin_partial_batches_run_eagerly(tmp_path, one_thread):
-    """An epoch's last batch (60000 % 7 = 3 samples) is another shape: eager, and the graph goes on."""
-    cfg = TrainConfig(batch_size=7, iters=8580, eval_every=4290, lr=0.01)  # one epoch is 8572 steps
+    """An epoch's last batch (60000 % 9999 = 6 samples, step 7) is another shape: eager, and the graph
+    goes on (steps 4-6 and 8 are replays)."""
+    cfg = TrainConfig(batch_size=9999, iters=8, eval_every=4, lr=0.01)  # one epoch is 7 steps
     eager = train(cfg, results_dir=tmp_path / "e", run_id="r", cuda_graphs=False)
     twin = train(cfg, results_dir=tmp_path / "t", run_id="r", cuda_graphs="twin")
     assert history(twin) == history(eager)
@@ -147,13 +148,13 @@ def test_twin_run_stopped_and_resumed_equals_uninterrupted(tmp_path, one_thread)
     stop = StopFlag()
 
     def progress(p):
-        if p.iteration >= 50:
+        if p.iteration >= 30:
             stop.request(signal.SIGUSR2)
 
     with pytest.raises(Interrupted):
         train(CNN, results_dir=tmp_path / "r", run_id="r", stop=stop, progress=progress, cuda_graphs="twin")
     resumed = train(CNN, results_dir=tmp_path / "r", run_id="r", cuda_graphs="twin")
-    assert resumed["checkpointing"]["resumed_from_iteration"] == 50
+    assert resumed["checkpointing"]["resumed_from_iteration"] == 30
     assert history(resumed) == history(straight)
 
 
