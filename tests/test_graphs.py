@@ -148,13 +148,13 @@ def test_twin_run_stopped_and_resumed_equals_uninterrupted(tmp_path, one_thread)
     stop = StopFlag()
 
     def progress(p):
-        if p.iteration >= 30:
+        if p.iteration >= 25:
             stop.request(signal.SIGUSR2)
 
     with pytest.raises(Interrupted):
         train(CNN, results_dir=tmp_path / "r", run_id="r", stop=stop, progress=progress, cuda_graphs="twin")
     resumed = train(CNN, results_dir=tmp_path / "r", run_id="r", cuda_graphs="twin")
-    assert resumed["checkpointing"]["resumed_from_iteration"] == 30
+    assert resumed["checkpointing"]["resumed_from_iteration"] == 25
     assert history(resumed) == history(straight)
 
 
