@@ -252,20 +252,18 @@ def train_pack(
     tb = tblog.RunLogs(results_dir, run_ids, configs, enabled=dist.is_main and tblog.wanted(tensorboard))
     t_start = time.perf_counter()
     try:
+        attempt = _Attempt(
+            configs=configs, records=records, histories=histories, paths=paths, ckpt_file=ckpt_file, tb=tb
+        )
         _run(
-            configs,
-            records,
-            histories,
-            data_dir,
-            progress,
-            t_start,
-            dist,
-            paths,
-            ckpt_file,
-            stop,
-            exact,
-            tb,
-            cuda_graphs,
+            attempt,
+            data_dir=data_dir,
+            progress=progress,
+            t_start=t_start,
+            dist=dist,
+            stop=stop,
+            exact=exact,
+            cuda_graphs=cuda_graphs,
         )
         for rec in records:
             rec["status"] = "failed" if rec["error"] else "completed"  # error: set for diverged runs
@@ -400,21 +398,32 @@ class LoopState:
         self.earlier_s = t["total_s"]
 
 
+@dataclass(frozen=True, kw_only=True)
+class _Attempt:
+    """What one attempt at a run (or pack) fills in: its records and histories (one per config), and
+    where its results, checkpoint and TensorBoard logs go."""
+
+    configs: list[TrainConfig]
+    records: list[dict[str, Any]]
+    histories: list[list[dict[str, Any]]]
+    paths: list[Path]
+    ckpt_file: Path
+    tb: tblog.RunLogs
+
+
 def _run(
-    configs,
-    records,
-    histories,
-    data_dir,
-    progress,
-    t_start,
-    dist,
-    paths,
-    ckpt_file,
-    stop,
-    exact,
-    tb,
-    cuda_graphs,
+    attempt: _Attempt,
+    *,
+    data_dir: Path | str | None,
+    progress: ProgressFn | None,
+    t_start: float,
+    dist: DistInfo,
+    stop: StopFlag | None,
+    exact: bool | None,
+    cuda_graphs: bool | str | None,
 ) -> None:
+    configs, records, histories = attempt.configs, attempt.records, attempt.histories
+    paths, ckpt_file, tb = attempt.paths, attempt.ckpt_file, attempt.tb
     # -- what: one config, or a pack of configs sharing everything but lr, momentum, weight decay, seed
     #    (so its schedule too: one lr factor per step, on each model's own lr)
     n = len(configs)
