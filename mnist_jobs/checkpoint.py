@@ -12,6 +12,9 @@ an uninterrupted one (on the CPU; CUDA kernels may not be deterministic). It is 
 (preemption, time limit, scancel, scontrol requeue), so the file on disk is always the newest complete
 checkpoint. A file that cannot be read, or belongs to another config, is ignored with a warning and
 never loaded. Once the completed result is written the checkpoint is deleted.
+
+The names (`checkpoint_path`, `population_path`) are torch-free: the login node's planner looks for
+checkpoints to keep a checkpointed pack together (sweepdir.resumable_packs) without importing torch.
 """
 
 from __future__ import annotations
@@ -21,12 +24,13 @@ import io
 import random
 import warnings
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from .config import TrainConfig
 from .results import atomic_write_bytes
+
+if TYPE_CHECKING:
+    import torch
 
 CKPT_KIND = "mnist-jobs/checkpoint"
 CKPT_FORMAT = 3  # 3: lone optimizers are optim.py's (2: torch.optim; 1: per run): older files are ignored
@@ -58,6 +62,8 @@ def resolve_every(every: int | None, iters: int) -> int:
 
 def rng_state(device: torch.device) -> dict[str, Any]:
     """This process's random number generators (the shuffling generator is saved separately)."""
+    import torch
+
     return {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
@@ -67,6 +73,8 @@ def rng_state(device: torch.device) -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    import torch
+
     torch.set_rng_state(state["torch"])
     if device.type == "cuda" and state.get("cuda") is not None:
         torch.cuda.set_rng_state(state["cuda"], device)
@@ -83,6 +91,8 @@ def _as_python_rng_state(state: Any) -> tuple:
 
 def save(path: Path, state: dict[str, Any]) -> None:
     """Serialise to memory, then write atomically: a killed process leaves the previous checkpoint."""
+    import torch
+
     buf = io.BytesIO()
     torch.save({"kind": CKPT_KIND, "format": CKPT_FORMAT, **state}, buf)
     atomic_write_bytes(path, buf.getvalue())
@@ -91,6 +101,8 @@ def save(path: Path, state: dict[str, Any]) -> None:
 def load(path: Path, configs: list[TrainConfig], run_ids: list[str]) -> dict[str, Any] | None:
     """The checkpoint at `path` if there is a usable one for these runs, else None (with a warning when
     a file exists but is corrupt, foreign or from other runs or configs: it is never loaded)."""
+    import torch
+
     if not path.exists():
         return None
     try:

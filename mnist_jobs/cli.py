@@ -447,6 +447,7 @@ def _launch(opts, *, dry_run: bool, wait: bool, name: str | None = None) -> None
             console.print("nothing to submit")
             return
         tasks, groups = launch.make_tasks(plan, todo)
+        _print_resumed(plan.resumed(todo))
         if plan.executor == "slurm":
             sub = launch.submit(plan, tasks, groups)
         else:
@@ -491,8 +492,10 @@ def _print_dry_run(console, plan, dry) -> None:
         table.add_row(rid, *(str(getattr(c, k)) for k in swept))
     console.print(table)
     n_tasks = len(dry.groups)
-    if plan.options.pack > 1:
-        console.print(f"{n_tasks} task(s) of at most {plan.options.pack} run(s) each (packs as submitted):")
+    _print_resumed(dry.resumed)
+    if plan.options.pack > 1 or any(len(g) > 1 for g in dry.groups):
+        most = max(len(g) for g in dry.groups)
+        console.print(f"{n_tasks} task(s) of at most {most} run(s) each (packs as submitted):")
         for i, g in enumerate(dry.groups):  # plain lines, never wrapped: one task per line
             typer.echo(f"  task {i}: {', '.join(g)}")
     else:
@@ -502,6 +505,16 @@ def _print_dry_run(console, plan, dry) -> None:
             console.print(f"{n_tasks} tasks > MaxArraySize {dry.max_array}: {dry.arrays} arrays")
         typer.echo(dry.sbatch)
     console.print("dry run: nothing submitted")
+
+
+def _print_resumed(resumed: list[list[str]]) -> None:
+    """Which tasks resume from a checkpoint; a checkpointed pack is kept whole whatever --pack says."""
+    if not resumed:
+        return
+    runs = sum(len(g) for g in resumed)
+    packs = [g for g in resumed if len(g) > 1]
+    kept = f"; {len(packs)} pack(s) kept whole as checkpointed, whatever --pack says" if packs else ""
+    typer.echo(f"  {runs} run(s) resume from their checkpoints{kept}")  # plain: never wrapped
 
 
 def _run_counts(states: list[str], accuracies: list[float | None]) -> str:

@@ -36,7 +36,7 @@ from .grid import (
 )
 from .job import DEFAULT_MAX_REQUEUES, TrainTask
 from .slurm import LaunchError
-from .sweepdir import LOG_DIR, plan_runs, record_submission
+from .sweepdir import LOG_DIR, plan_runs, record_submission, resumable_packs
 
 EXECUTORS = ("auto", "slurm", "local", "debug")
 SLURM_FIELDS = tuple(f.name for f in dataclasses.fields(SlurmConfig))
@@ -205,21 +205,39 @@ class Plan:
             self.folder, self.run_ids, retry_failed=o.retry_failed, force=o.force, executor=o.executor
         )
 
-    def groups(self, run_ids: list[str] | None = None) -> list[list[str]]:
-        """The runs (default: all) as the array's tasks: one each, or packs (`packed.group_for_packing`).
-        The dry run and the submission both use this."""
+    def resumed(self, run_ids: list[str] | None = None) -> list[list[str]]:
+        """The tasks that resume from a checkpoint in the sweep folder, packed as they were packed
+        when it was written (sweepdir.resumable_packs); none with --force (it starts afresh). Under
+        DDP (a pack cannot be) only lone runs."""
+        if self.options.force:
+            return []
         ids = self.run_ids if run_ids is None else run_ids
-        if self.options.pack <= 1:
-            return [[r] for r in ids]
-        from .packing import PackError, group_for_packing
+        s = self.options.slurm
+        ddp = s.tasks_per_node * s.nodes > 1
+        return [g for g in resumable_packs(self.folder, ids) if len(g) == 1 or not ddp]
 
-        try:
-            return [
-                [ids[i] for i in g]
-                for g in group_for_packing([self.config(r) for r in ids], self.options.pack)
-            ]
-        except PackError as e:
-            raise ConfigError(str(e)) from None
+    def groups(self, run_ids: list[str] | None = None) -> list[list[str]]:
+        """The runs (default: all) as the array's tasks: those a checkpoint resumes as they were
+        packed (`resumed`), the others one each or in packs of --pack (`packing.group_for_packing`);
+        ordered by their first run. The dry run and the submission both use this."""
+        ids = self.run_ids if run_ids is None else run_ids
+        kept = self.resumed(ids)
+        taken = {r for g in kept for r in g}
+        rest = [r for r in ids if r not in taken]
+        if self.options.pack <= 1:
+            fresh = [[r] for r in rest]
+        else:
+            from .packing import PackError, group_for_packing
+
+            try:
+                fresh = [
+                    [rest[i] for i in g]
+                    for g in group_for_packing([self.config(r) for r in rest], self.options.pack)
+                ]
+            except PackError as e:
+                raise ConfigError(str(e)) from None
+        order = {r: i for i, r in enumerate(ids)}
+        return sorted(kept + fresh, key=lambda g: min(order[r] for r in g))
 
 
 def make_plan(opts: SweepOptions, *, name: str | None = None) -> Plan:
@@ -337,6 +355,7 @@ def slurm_executor_for(plan: Plan, *, dry_run: bool = False):
 @dataclass(frozen=True)
 class DryRun:
     groups: list[list[str]]  # the array's tasks, as submission would make them
+    resumed: list[list[str]]  # those of them a checkpoint resumes (Plan.resumed)
     sbatch: str | None  # the script (SLURM), for the first array
     arrays: int  # how many arrays (MaxArraySize splits)
     max_array: int | None
@@ -344,15 +363,16 @@ class DryRun:
 
 def dry_run(plan: Plan) -> DryRun:
     """What submission would do, from the same code: the tasks (packs) and the exact sbatch text."""
-    groups = plan.groups()
+    groups, resumed = plan.groups(), plan.resumed()
     if plan.executor != "slurm":
-        return DryRun(groups, None, 1, None)
+        return DryRun(groups, resumed, None, 1, None)
     from .slurm import max_array_size, sbatch_text
 
     limit = max_array_size()
     n = len(groups)
     per = min(n, limit) if limit else n
-    return DryRun(groups, sbatch_text(slurm_executor_for(plan, dry_run=True), per), -(-n // per), limit)
+    sbatch = sbatch_text(slurm_executor_for(plan, dry_run=True), per)
+    return DryRun(groups, resumed, sbatch, -(-n // per), limit)
 
 
 def _runs_info(plan: Plan, groups: list[list[str]], job_ids: list[str | None]) -> dict[str, dict[str, Any]]:

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from .checkpoint import checkpoint_path, population_path
 from .claims import result_status, run_is_claimed
 from .config import ConfigError
 from .results import atomic_write_json, git_info, utc_now
@@ -174,6 +175,33 @@ def plan_runs(
                 skipped["queued"].append(run_id)
         candidates = [r for r in candidates if r not in skipped["queued"]]
     return candidates, skipped
+
+
+def resumable_packs(folder: Path, run_ids: list[str]) -> list[list[str]]:
+    """The tasks among `run_ids` that a checkpoint in `folder` resumes, each in its checkpoint's order:
+    a pack the manifest last recorded (`packed_with`) whose `pack-<hash>.ckpt.pt` is there, and a run
+    with a lone checkpoint of its own. A pack checkpoint holds its models stacked, so only the same
+    pack, in the same order, can load it: the planner keeps these together whatever --pack says now.
+    A pack some of whose runs are not in `run_ids` (completed, or training elsewhere) is not one."""
+    recorded = (read_manifest(folder) or {}).get("runs", {})
+    wanted, taken = set(run_ids), set()
+    tasks: list[list[str]] = []
+    for run_id in run_ids:
+        if run_id in taken:
+            continue
+        others = list(recorded.get(run_id, {}).get("packed_with") or [])
+        if others and all(o in wanted and o not in taken for o in others):
+            # packed_with is the pack's order less this run: its place is one of len(others) + 1
+            for i in range(len(others) + 1):
+                members = [*others[:i], run_id, *others[i:]]
+                if population_path(folder, members).exists():
+                    tasks.append(members)
+                    taken.update(members)
+                    break
+        if run_id not in taken and checkpoint_path(folder, run_id).exists():
+            tasks.append([run_id])
+            taken.add(run_id)
+    return tasks
 
 
 class RunState(str, enum.Enum):

@@ -4,7 +4,8 @@ the real command a user types (`mnist-jobs sweep`, submitit's local executor, it
 signalled as SLURM signals a job's tasks). Per combination, one sequence: the sweep is stopped by
 SIGTERM, run again, killed by SIGKILL after its next periodic checkpoint, and run again to the end.
 Every run must end with exactly one completed result whose history and weights equal the
-uninterrupted run's, bit for bit (CPU, same thread count).
+uninterrupted run's, bit for bit (CPU, same thread count). A pack's last sweep asks for another --pack:
+its checkpoint keeps it whole.
 
 A pack under DDP is refused before anything starts (tested in test_sweep.py), so the 2-rank cases
 are lone runs. The SLURM side (scontrol requeue of a packed sweep) is in test_requeue_slurm.py.
@@ -50,8 +51,9 @@ def configs(case: str) -> list[TrainConfig]:
     return [TrainConfig(**{**grid, "lr": lr}) for lr in grid.pop("lr")]
 
 
-def sweep_cmd(case: str, results: Path) -> list[str]:
-    grid, every, pack, tasks = CASES[case]
+def sweep_cmd(case: str, results: Path, pack: int | None = None) -> list[str]:
+    grid, every, case_pack, tasks = CASES[case]
+    pack = case_pack if pack is None else pack
     opts = [
         a
         for k, v in grid.items()
@@ -64,9 +66,9 @@ def sweep_cmd(case: str, results: Path) -> list[str]:
     ]
 
 
-def run_sweep(case: str, results: Path) -> subprocess.CompletedProcess:
+def run_sweep(case: str, results: Path, pack: int | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        sweep_cmd(case, results),
+        sweep_cmd(case, results, pack),
         capture_output=True,
         text=True,
         cwd=REPO,
@@ -165,8 +167,13 @@ def test_stopped_killed_and_swept_again_equals_uninterrupted(tmp_path, case, uni
     killed_at = interrupt(case, tmp_path, "sigkill")  # resumed, then killed: the last periodic one
     assert termed_at < killed_at < iters and killed_at % every == 0
 
-    again = run_sweep(case, tmp_path)  # what a user does: the same command again
+    # what a user does: the same command again; for a pack, with another --pack (its checkpoint
+    # holds the 3 models stacked: the planner keeps the pack whole, and it resumes)
+    packed = CASES[case][2] > 1
+    again = run_sweep(case, tmp_path, pack=2 if packed else None)
     assert again.returncode == 0, again.stdout + again.stderr
+    if packed:
+        assert "3 run(s) resume from their checkpoints; 1 pack(s) kept whole" in again.stdout
     folder = tmp_path / "m"
     got, ref = results_of(folder), uninterrupted(case)
     assert sorted(got) == sorted(ref)  # exactly one result per run

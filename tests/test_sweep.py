@@ -344,3 +344,48 @@ def test_a_local_sweep_leaves_torch_to_its_worker(tmp_path):
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
     assert len(list(tmp_path.glob("*/logreg-*.json"))) == 2  # and the worker did train
+
+
+def test_checkpointed_runs_keep_their_packing_whatever_pack_says(tmp_path):
+    """A pack's checkpoint holds its models stacked, in its order: the planner keeps the pack the
+    manifest last recorded whole (and in that order) while its checkpoint is there, and a run with
+    a lone checkpoint lone, whatever --pack says; the others are packed as asked. --force starts
+    afresh, so it keeps nothing. (End to end, a killed pack resumed with another --pack:
+    test_matrix.py.)"""
+    from mnist_jobs.checkpoint import checkpoint_path, population_path
+    from mnist_jobs.sweepdir import record_submission
+
+    lrs = ["0.1", "0.2", "0.3", "0.4", "0.5"]
+    configs = expand_grid(
+        grid_values({"lr": ",".join(lrs), "iters": "20", "eval_every": "10", "device": "cpu"})
+    )
+    a, b, c, d, e = (sweep_run_id(cfg) for cfg in configs)
+    folder = tmp_path / "k"
+    folder.mkdir()
+    old = [[c, a, b], [d], [e]]  # as an earlier submission packed them (c first: the order is kept)
+    runs = {
+        r: {"config": {}, "job_id": None, "packed_with": [x for x in g if x != r]} for g in old for r in g
+    }
+    record_submission(folder, name="k", executor="local", grid={}, slurm=None, runs=runs)
+
+    def tasks(*extra: str) -> list[list[str]]:
+        args = ["sweep", "--lr", ",".join(lrs), *FAST, "--name", "k", "--results-dir", str(tmp_path)]
+        res = runner.invoke(app, [*args, *extra, "--dry-run"])
+        assert res.exit_code == 0, (res.output, res.exception)
+        return _dry_run_tasks(res.output) if "task 0:" in res.output else [[r] for r in (a, b, c, d, e)]
+
+    assert tasks("--pack", "5") == [[a, b, c, d, e]]  # no checkpoint: packed as asked
+    population_path(folder, [c, a, b]).write_bytes(b"")
+    checkpoint_path(folder, e).write_bytes(b"")
+    assert tasks("--pack", "5") == [[c, a, b], [d], [e]]  # d: the only one left to pack
+    assert tasks("--pack", "1") == [[c, a, b], [d], [e]]
+    res = runner.invoke(app, ["sweep", "--lr", ",".join(lrs), *FAST, "--name", "k", "--pack", "2",
+                              "--results-dir", str(tmp_path), "--dry-run"])  # fmt: skip
+    assert "4 run(s) resume from their checkpoints; 1 pack(s) kept whole" in res.output, res.output
+    assert tasks("--pack", "5", "--force") == [[a, b, c, d, e]]
+    # a lone run of the pack's is not asked for: the pack cannot resume, its runs are packed anew
+    res = runner.invoke(app, ["sweep", "--lr", "0.1,0.2,0.4", *FAST, "--name", "k", "--pack", "3",
+                              "--results-dir", str(tmp_path), "--dry-run"])  # fmt: skip
+    assert _dry_run_tasks(res.output) == [[a, b, d]]
+    population_path(folder, [c, a, b]).unlink()  # the pack completed (or was dropped): packed as asked
+    assert tasks("--pack", "5") == [[a, b, c, d], [e]]
