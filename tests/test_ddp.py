@@ -146,9 +146,10 @@ def test_more_tasks_than_gpus_on_slurm_is_refused_before_submission(tmp_path):
     assert not list(tmp_path.rglob("*.json"))
 
 
-CNN_CFG = TrainConfig(
-    model="cnn", lr=0.05, momentum=0.5, batch_size=64, iters=100, eval_every=25, device="cpu"
-)
+CNN_CFG = TrainConfig(  # under a schedule, on normalised images: DDP steps each rank with the same factor
+    model="cnn", lr=0.05, momentum=0.5, batch_size=64, iters=100, eval_every=25, device="cpu",
+    schedule="onecycle", normalize=True,
+)  # fmt: skip
 
 
 def _cnn_rank(rank: int, port: int, results: str) -> None:

@@ -5,7 +5,7 @@ signalled as SLURM signals a job's tasks). Per combination, one sequence: the sw
 SIGTERM, run again, killed by SIGKILL after its next periodic checkpoint, and run again to the end.
 Every run must end with exactly one completed result whose history and weights equal the
 uninterrupted run's, bit for bit (CPU, same thread count). A pack's last sweep asks for another --pack:
-its checkpoint keeps it whole.
+its checkpoint keeps it whole. The CNN cases train under onecycle on normalised images.
 
 A pack under DDP is refused before anything starts (tested in test_sweep.py), so the 2-rank cases
 are lone runs. The SLURM side (scontrol requeue of a packed sweep) is in test_requeue_slurm.py.
@@ -33,7 +33,15 @@ from mnist_jobs.train import train_pack
 
 REPO = Path(__file__).resolve().parent.parent
 LOGREG = {"model": "logreg", "momentum": 0.9, "batch_size": 64, "device": "cpu"}
-CNN = {"model": "cnn", "momentum": 0.5, "batch_size": 32, "device": "cpu"}
+# the CNN under a schedule on normalised images: stopped and resumed mid-schedule as well
+CNN = {
+    "model": "cnn",
+    "momentum": 0.5,
+    "batch_size": 32,
+    "device": "cpu",
+    "schedule": "onecycle",
+    "normalize": True,
+}
 # name: (the grid, --checkpoint-every, --pack, --tasks-per-node). A few seconds of training each, the
 # first periodic checkpoint early; few evaluations (the CNN's cost 0.4 s each here).
 CASES = {
@@ -54,16 +62,18 @@ def configs(case: str) -> list[TrainConfig]:
 def sweep_cmd(case: str, results: Path, pack: int | None = None) -> list[str]:
     grid, every, case_pack, tasks = CASES[case]
     pack = case_pack if pack is None else pack
-    opts = [
-        a
-        for k, v in grid.items()
-        for a in (f"--{k.replace('_', '-')}", ",".join(map(str, v)) if isinstance(v, list) else str(v))
-    ]
+    opts = [a for k, v in grid.items() for a in (f"--{k.replace('_', '-')}", _option_text(v))]
     return [
         *(sys.executable, "-m", "mnist_jobs", "sweep", *opts, "--checkpoint-every", str(every)),
         *("--pack", str(pack), "--tasks-per-node", str(tasks), "--max-parallel", "1", "--name", "m"),
         *("--results-dir", str(results)),
     ]
+
+
+def _option_text(v) -> str:
+    if isinstance(v, list):
+        return ",".join(map(str, v))
+    return ("on" if v else "off") if isinstance(v, bool) else str(v)
 
 
 def run_sweep(case: str, results: Path, pack: int | None = None) -> subprocess.CompletedProcess:
