@@ -415,8 +415,10 @@ def test_packed_sweep_killed_resumes_at_the_next_sweep(cluster, results, pack_re
     saved = state["loop"]["iteration"]
     assert saved % 1000 == 0 and state["run_ids"] == PACK_IDS  # the last periodic checkpoint
 
-    again = sweep_pack(results, "pack-kill9")  # the same pack again: it finds its checkpoint
+    # the sweep again, asking for no packing: the checkpointed pack is kept whole, and resumes
+    again = sweep_pack(results, "pack-kill9", "--pack", "1")
     assert again.exit_code == 0 and "submitted 3 run(s) as 1 task(s)" in again.output, again.output
+    assert "3 run(s) resume from their checkpoints; 1 pack(s) kept whole" in again.output
     [new_job] = {info["job_id"] for info in read_manifest(folder)["runs"].values()}
     assert new_job != job_id
     refs = pack_reference()
