@@ -611,6 +611,14 @@ def _follow(console, folder: Path, interval_s: float = 2.0) -> None:
             time.sleep(interval_s)
     if not console.is_terminal:
         console.line()  # (Live ends a file's last render without one)
+    _print_resumable(rows)
+
+
+def _print_resumable(rows: list[dict[str, Any]]) -> None:
+    if resumable := sum(bool(r.get("resumable")) for r in rows):
+        typer.echo(
+            f"{resumable} run(s) stopped with a checkpoint: the same `mnist-jobs sweep` again resumes them"
+        )
 
 
 def _runs_bar(rows: list[dict[str, Any]]):
@@ -743,6 +751,7 @@ def status(
             rows = run_states(folder)
             console.print(_status_table(name, rows))
             console.print(_runs_bar(rows))
+            _print_resumable(rows)
     except ManifestError as e:
         fail(str(e))
 

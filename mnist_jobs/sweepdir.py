@@ -243,7 +243,8 @@ class RunState(str, enum.Enum):
 
 
 def run_states(folder: Path) -> list[dict[str, Any]]:
-    """One row per run of a sweep: run id, config, job id, state, accuracy."""
+    """One row per run of a sweep: run id, config, job id, state, accuracy, and whether a checkpoint
+    resumes it (`resumable`: it ended without a result, and the same sweep again picks it up)."""
     manifest = load_manifest(folder)
     runs = manifest["runs"]
     sched, histories = None, {}
@@ -255,6 +256,7 @@ def run_states(folder: Path) -> list[dict[str, Any]]:
         if sched is not None:
             histories = job_histories(job_ids)  # requeues (node failure, preemption) seen by SLURM
     rows = []
+    resumable = {r for task in resumable_packs(folder, list(runs)) for r in task}
     for run_id, info in runs.items():
         status, data = result_status(folder, run_id)
         job_id = info.get("job_id")
@@ -295,6 +297,8 @@ def run_states(folder: Path) -> list[dict[str, Any]]:
                 "test_accuracy": acc,
                 "error": (data or {}).get("error", {}) and data["error"].get("message"),
                 "history": attempts_note(histories.get(job_id, [])) if job_id else "",
+                # stopped or killed with a checkpoint: the sweep run again resumes it
+                "resumable": shown in (RunState.FAILED, RunState.MISSING) and run_id in resumable,
             }
         )
     return rows

@@ -24,8 +24,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from typer.testing import CliRunner
 
 from mnist_jobs.checkpoint import SUFFIX
+from mnist_jobs.cli import app
 from mnist_jobs.config import TrainConfig
 from mnist_jobs.grid import sweep_run_id
 from mnist_jobs.sweepdir import read_manifest, scan
@@ -176,6 +178,9 @@ def test_stopped_killed_and_swept_again_equals_uninterrupted(tmp_path, case, uni
     assert 0 < termed_at < iters
     killed_at = interrupt(case, tmp_path, "sigkill")  # resumed, then killed: the last periodic one
     assert termed_at < killed_at < iters and killed_at % every == 0
+    status = CliRunner().invoke(app, ["status", "m", "--results-dir", str(tmp_path)])
+    n = len(configs(case))
+    assert f"{n} run(s) stopped with a checkpoint: the same `mnist-jobs sweep` again" in status.output
 
     # what a user does: the same command again; for a pack, with another --pack (its checkpoint
     # holds the 3 models stacked: the planner keeps the pack whole, and it resumes)

@@ -414,6 +414,8 @@ def test_packed_sweep_killed_resumes_at_the_next_sweep(cluster, results, pack_re
     state = torch.load(population_path(folder, PACK_IDS), weights_only=True)
     saved = state["loop"]["iteration"]
     assert saved % 1000 == 0 and state["run_ids"] == PACK_IDS  # the last periodic checkpoint
+    status = runner.invoke(app, ["status", "pack-kill9", "--results-dir", str(results)])
+    assert "3 run(s) stopped with a checkpoint: the same `mnist-jobs sweep` again" in status.output
 
     # the sweep again, asking for no packing: the checkpointed pack is kept whole, and resumes
     again = sweep_pack(results, "pack-kill9", "--pack", "1")
