@@ -259,6 +259,7 @@ def run_states(folder: Path) -> list[dict[str, Any]]:
     resumable = {r for task in resumable_packs(folder, list(runs)) for r in task}
     for run_id, info in runs.items():
         status, data = result_status(folder, run_id)
+        no_result = status is None  # (as `sweep` sees it: plan_runs)
         job_id = info.get("job_id")
         state = (sched or {}).get(job_id) if job_id else None
         # A result older than the run's latest submission (--retry-failed, --force) is history: the
@@ -297,8 +298,8 @@ def run_states(folder: Path) -> list[dict[str, Any]]:
                 "test_accuracy": acc,
                 "error": (data or {}).get("error", {}) and data["error"].get("message"),
                 "history": attempts_note(histories.get(job_id, [])) if job_id else "",
-                # stopped or killed with a checkpoint: the sweep run again resumes it
-                "resumable": shown in (RunState.FAILED, RunState.MISSING) and run_id in resumable,
+                # stopped or killed (no result) with a checkpoint: the sweep run again resumes it
+                "resumable": shown.done and no_result and run_id in resumable,
             }
         )
     return rows
