@@ -28,7 +28,7 @@ from pathlib import Path
 RECIPE = [
     *("--model", "cnn", "--optimizer", "adam", "--lr", "0.002", "--weight-decay", "0.0001"),
     *("--batch-size", "16"),
-    *("--schedule", "onecycle", "--warmup", "0.2", "--normalize", "on", "--epochs", "5"),
+    *("--schedule", "onecycle", "--warmup", "0.2", "--normalize", "on", "--deskew", "on", "--epochs", "5"),
     *("--eval-every", "3750", "--device", "cpu"),
 ]
 TARGET = 99.0

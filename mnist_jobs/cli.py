@@ -99,6 +99,15 @@ Normalize = Annotated[
     Optional[str],
     _opt("on: standardise the images (MNIST mean 0.1307, std 0.3081); or off.", "on|off", "off"),
 ]
+Deskew = Annotated[
+    Optional[str],
+    _opt(
+        "on: slant-normalise the images (MNIST's classic deskewing by image moments), before --normalize; "
+        "or off.",
+        "on|off",
+        "off",
+    ),
+]
 BatchSize = Annotated[Optional[str], _opt("Global batch size.", "INT", _D.batch_size)]
 Epochs = Annotated[Optional[str], _opt("Epochs over the 60k training images (instead of --iters).", "INT")]
 Iters = Annotated[Optional[str], _opt("Optimizer steps (3000 = 5 epochs of batch 100).", "INT", _D.iters)]
@@ -233,6 +242,7 @@ def train(
     schedule: Schedule = None,
     warmup: Warmup = None,
     normalize: Normalize = None,
+    deskew: Deskew = None,
     batch_size: BatchSize = None,
     epochs: Epochs = None,
     iters: Iters = None,
@@ -324,6 +334,7 @@ def sweep(
     schedule: Schedule = None,
     warmup: Warmup = None,
     normalize: Normalize = None,
+    deskew: Deskew = None,
     batch_size: BatchSize = None,
     epochs: Epochs = None,
     iters: Iters = None,

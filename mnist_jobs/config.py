@@ -53,6 +53,7 @@ class TrainConfig:
     schedule: str = _added("constant")  # lr multiplied by schedule.lr_scale(config, step)
     warmup: float | None = _added(None, before=0.0)  # a fraction of iters; resolved: always set
     normalize: bool = _added(False)  # inputs (x - MNIST_MEAN) / MNIST_STD (data.load)
+    deskew: bool = _added(False)  # inputs slant-normalised first (data.deskew_images)
     batch_size: int = 100
     epochs: int | None = None
     iters: int | None = None  # resolved: always set after construction
@@ -75,8 +76,9 @@ class TrainConfig:
         object.__setattr__(self, "warmup", float(self.warmup))
         if not self.warmup < 1.0:
             raise ConfigError(f"--warmup is a fraction of the iterations: >= 0 and < 1 (got {self.warmup!r})")
-        if not isinstance(self.normalize, bool):
-            raise ConfigError(f"--normalize must be on or off (got {self.normalize!r})")
+        for name in ("normalize", "deskew"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{option_name(name)} must be on or off (got {getattr(self, name)!r})")
         _check_number("batch_size", self.batch_size, int, minimum=1, maximum=TRAIN_SIZE)
         _check_number("seed", self.seed, int, minimum=0, maximum=2**64 - 1)  # torch's seed range
         _check_number("eval_every", self.eval_every, int, minimum=1)

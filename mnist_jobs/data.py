@@ -311,23 +311,70 @@ def load_uint8(data_dir: Path | str | None = None) -> tuple[torch.Tensor, ...]:
 
 
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081  # of the training pixels in [0, 1]: the usual Normalize()
+DESKEWED_MEAN, DESKEWED_STD = 0.1307, 0.2891  # the same after `deskew_images` (test_data.py checks)
+DESKEW_CHUNK = 10_000  # images per grid_sample call (its sampling grid: 63 MB of floats per 10 000)
+
+
+def deskew_images(x: torch.Tensor) -> torch.Tensor:
+    """Slant normalisation (MNIST's classic "deskewing", LeCun et al. 1998): each image (N, 1, 28, 28)
+    is sheared along its rows so that its ink's principal axis stands upright, and shifted so that its
+    centre of mass sits at (14, 14), sampled bilinearly with zeros outside.
+
+    From the image moments: the centre of mass (r̄, c̄), the row variance v_rr and the covariance v_rc
+    give the slant alpha = v_rc / v_rr; output pixel (r, c) reads input (r + r̄ - 14, c + alpha (r - 14)
+    + c̄ - 14). The moments are sums of row and column masses in float64 (the same on any thread count),
+    and nothing depends on another image, so a pack, a DDP rank and a lone run get the same pixels."""
+    import torch
+    from torch.nn import functional as F
+
+    n = x.shape[0]
+    img = x[:, 0].double()
+    idx = torch.arange(28, dtype=torch.float64)
+    rows, cols = img.sum(2), img.sum(1)  # (N, 28): the ink in each row, in each column
+    mass = rows.sum(1).clamp_min(1e-12)
+    mr, mc = rows @ idx / mass, cols @ idx / mass
+    v_rr = rows @ (idx * idx) / mass - mr * mr
+    v_rc = (img @ idx) @ idx / mass - mr * mc
+    alpha = torch.where(v_rr > 1e-9, v_rc / v_rr.clamp_min(1e-9), torch.zeros_like(v_rr))  # blank: 0
+    shear, off_r, off_c = (t.float().view(-1, 1, 1) for t in (alpha, mr - 14.0, mc - 14.0 * alpha - 14.0))
+    o = torch.arange(28, dtype=torch.float32)
+    r, c = o.view(1, 28, 1), o.view(1, 1, 28)
+    out = torch.empty_like(x)
+    for start in range(0, n, DESKEW_CHUNK):
+        part = slice(start, min(n, start + DESKEW_CHUNK))
+        m = part.stop - part.start
+        src_r = (r + off_r[part]).expand(m, 28, 28)
+        src_c = shear[part] * r + c + off_c[part]
+        grid = torch.stack([(2 * src_c + 1) / 28 - 1, (2 * src_r + 1) / 28 - 1], dim=-1)  # (x, y) in [-1, 1]
+        out[part] = F.grid_sample(x[part], grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return out
 
 
 def load(
-    data_dir: Path | str | None = None, *, device: torch.device | str = "cpu", normalize: bool = False
+    data_dir: Path | str | None = None,
+    *,
+    device: torch.device | str = "cpu",
+    normalize: bool = False,
+    deskew: bool = False,
 ) -> MnistTensors:
     """Verify, decode (torchvision's MNIST reader, or its cached output), scale like ToTensor, move
-    to `device`; with `normalize` (--normalize on) both splits are then standardised as
-    transforms.Normalize((0.1307,), (0.3081,)) does."""
+    to `device`. With `deskew` (--deskew on) both splits are slant-normalised first (`deskew_images`, on the
+    CPU: every device gets the same pixels, ~1 s for the 70 000 images on 2 cores); with `normalize`
+    (--normalize on) they are then standardised as transforms.Normalize((0.1307,), (0.3081,)) does,
+    or after deskewing with the deskewed images' own mean and std."""
     import torch
 
     train_x, train_y, test_x, test_y = load_uint8(data_dir)
     device = torch.device(device)
+    mean, std = (DESKEWED_MEAN, DESKEWED_STD) if deskew else (MNIST_MEAN, MNIST_STD)
 
     def images(u8: torch.Tensor) -> torch.Tensor:
         # Same values as transforms.ToTensor(): uint8 -> float32 / 255, shape (N, 1, 28, 28).
-        x = u8.to(device).unsqueeze(1).float().div_(255.0)
-        return x.sub_(MNIST_MEAN).div_(MNIST_STD) if normalize else x
+        if deskew:
+            x = deskew_images(u8.unsqueeze(1).float().div_(255.0)).to(device)
+        else:
+            x = u8.to(device).unsqueeze(1).float().div_(255.0)
+        return x.sub_(mean).div_(std) if normalize else x
 
     return MnistTensors(images(train_x), train_y.to(device), images(test_x), test_y.to(device))
 

@@ -24,7 +24,7 @@ from .config import TEST_SIZE, TRAIN_SIZE, TrainConfig
 #   device      - one process, one device;
 #   schedule, warmup - one lr factor per step for the pack (schedule.lr_scale of the step), applied to
 #                 each model's own lr: models with different schedules train in different packs;
-#   normalize   - the training images are loaded (and normalised) once for the pack.
+#   normalize, deskew - the training images are loaded (deskewed, normalised) once for the pack.
 # Per run (per-model optimizer calls, own RNG states): lr, momentum, weight_decay, seed.
 # `epochs` is not a key: it is resolved into `iters`, which is.
 PACK_KEYS: tuple[str, ...] = (
@@ -33,6 +33,7 @@ PACK_KEYS: tuple[str, ...] = (
     "schedule",
     "warmup",
     "normalize",
+    "deskew",
     "batch_size",
     "iters",
     "eval_every",

@@ -459,7 +459,7 @@ def _run(
                 "hosts": hosts,
             }
         # -- data, decoded once and kept on the device
-        ds = mnist_data.load(data_dir, device=device, normalize=cfg.normalize)
+        ds = mnist_data.load(data_dir, device=device, normalize=cfg.normalize, deskew=cfg.deskew)
 
         # -- the models and the step that trains them (each model seeded and built as its lone run;
         #    DDP: the one model, wrapped), and the loop's state: fresh, or as a checkpoint left it

@@ -90,6 +90,7 @@ def test_sweep_refuses_bad_hyperparameters(tmp_path, extra, needle):
         (["--warmup", "1"], "--warmup is a fraction of the iterations: >= 0 and < 1 (got 1.0)"),
         (["--warmup", "ten"], "--warmup must be a number (got 'ten')"),
         (["--normalize", "2"], "--normalize must be on or off (got '2')"),
+        (["--deskew", "slanted"], "--deskew must be on or off (got 'slanted')"),
     ],
 )
 def test_train_refuses_bad_hyperparameters(tmp_path, extra, needle):

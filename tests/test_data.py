@@ -216,3 +216,71 @@ def test_read_only_data_folder_keeps_the_cache_in_the_user_cache(data_copy, priv
     calls = _count_decodes(monkeypatch)
     _assert_identical(data.load_uint8(data_copy), _reference(data_copy))
     assert len(calls) == 1  # only _reference decoded: the load used the user cache
+
+
+# ---- slant normalisation (--deskew) ------------------------------------------------------------------
+
+
+def _moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per image (N, 1, 28, 28): centre of mass (row, col) and slant v_rc / v_rr, by brute force."""
+    img = x[:, 0].double()
+    r = torch.arange(28, dtype=torch.float64).view(1, 28, 1)
+    c = torch.arange(28, dtype=torch.float64).view(1, 1, 28)
+    m = img.sum((1, 2))
+    mr, mc = (img * r).sum((1, 2)) / m, (img * c).sum((1, 2)) / m
+    dr, dc = r - mr.view(-1, 1, 1), c - mc.view(-1, 1, 1)
+    slant = (img * dr * dc).sum((1, 2)) / (img * dr * dr).sum((1, 2))
+    return mr, mc, slant
+
+
+def test_deskew_stands_a_slanted_stroke_upright_and_centres_it():
+    x = torch.zeros(2, 1, 28, 28)
+    for r in range(6, 22):  # a stroke leaning right by 0.5 pixel per row, off centre
+        x[0, 0, r, round(6 + 0.5 * (r - 6))] = 1.0
+        x[1, 0, r, 10] = 1.0  # upright, left of centre
+    mr, mc, slant = _moments(x)
+    assert slant[0].item() == pytest.approx(0.5, abs=0.03) and slant[1].item() == 0
+    mr, mc, slant = _moments(data.deskew_images(x))
+    assert slant.abs().max().item() < 0.02  # upright
+    assert torch.allclose(mr, torch.full_like(mr, 14.0), atol=0.05)  # centre of mass at (14, 14)
+    assert torch.allclose(mc, torch.full_like(mc, 14.0), atol=0.05)
+
+
+def test_deskew_leaves_an_upright_centred_image_as_it_is():
+    x = torch.zeros(1, 1, 28, 28)
+    x[0, 0, 9:20, 13:16] = torch.rand(11, 3)
+    x[0, 0, 9:20, 13] = x[0, 0, 9:20, 15] = 0.5  # symmetric about column 14: no slant
+    x[0, 0, 9:20, 14] = 1.0
+    x[0, 0, 8, 14] = x[0, 0, 20, 14] = 1.0  # symmetric about row 14
+    mr, mc, slant = _moments(x)
+    assert (mr.item(), mc.item(), slant.item()) == pytest.approx((14.0, 14.0, 0.0), abs=1e-9)
+    torch.testing.assert_close(data.deskew_images(x), x, atol=1e-5, rtol=0)
+
+
+def test_deskewed_mnist_is_upright_and_the_same_on_any_thread_count():
+    ds = data.load(device="cpu")
+    sample = ds.train_x[:3000]
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = data.deskew_images(sample)
+        torch.set_num_threads(2)
+        two = data.deskew_images(sample)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, two)  # so a DDP rank, a pack and a lone run see the same pixels
+    assert _moments(sample)[2].abs().mean() > 0.15  # MNIST's digits lean
+    assert _moments(one)[2].abs().mean() < 0.01  # deskewed, they do not
+    assert abs(one.sum().item() - sample.sum().item()) / sample.sum().item() < 0.02  # the ink is kept
+
+
+def test_load_deskews_both_splits_then_standardises_with_their_own_statistics():
+    plain = data.load(device="cpu")
+    dsk = data.load(device="cpu", deskew=True)
+    both = data.load(device="cpu", deskew=True, normalize=True)
+    assert torch.equal(dsk.test_x, data.deskew_images(plain.test_x))
+    assert torch.equal(dsk.train_y, plain.train_y) and torch.equal(dsk.test_y, plain.test_y)
+    # DESKEWED_MEAN / STD are the deskewed training pixels' mean and std, to 4 digits
+    assert round(dsk.train_x.mean().item(), 4) == data.DESKEWED_MEAN
+    assert round(dsk.train_x.std().item(), 4) == data.DESKEWED_STD
+    assert torch.equal(both.train_x, (dsk.train_x - data.DESKEWED_MEAN) / data.DESKEWED_STD)

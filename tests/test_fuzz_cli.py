@@ -53,6 +53,7 @@ TRAINING = {  # option -> plausible values mixed into the random ones
     "--schedule": ["constant", "cosine", "onecycle", "Cosine", "constant,onecycle", "linear"],
     "--warmup": ["0", "0.1", "0.3,0.5", "1", "-0.1", "0.999999"],
     "--normalize": ["on", "off", "on,off", "True", "maybe", "2"],
+    "--deskew": ["on", "off", "on,off", "yes", "slanted", "-1"],
     "--batch-size": ["32", "0", "64,128", "60000", "100000"],
     "--epochs": ["1", "0"],
     "--iters": ["5", "0", "1.0", "1.5"],
@@ -95,7 +96,7 @@ SWEEP_ONLY = {
 # These could start something long or remote: only ever as a dry run.
 DRY = {"--iters", "--epochs", "--batch-size", "--samples", *SLURM}
 TOML_KEYS = ["name", "model", "lr", "seed", "iters", "batch_size", "device", "slurm", "bogus"]
-TOML_KEYS += ["schedule", "warmup", "normalize"]
+TOML_KEYS += ["schedule", "warmup", "normalize", "deskew"]
 TOML_VALUES = st.one_of(
     st.integers(min_value=-5, max_value=5).map(str),
     TEXT.map(json.dumps),

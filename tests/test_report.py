@@ -36,10 +36,10 @@ def sweep_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root.mkdir()
     real_load, cache = mnist_data.load, {}
 
-    def cached_load(data_dir=None, *, device="cpu", normalize=False):
-        key = (str(data_dir), str(device), normalize)
+    def cached_load(data_dir=None, *, device="cpu", **options):
+        key = (str(data_dir), str(device), tuple(sorted(options.items())))
         if key not in cache:
-            cache[key] = real_load(data_dir, device=device, normalize=normalize)
+            cache[key] = real_load(data_dir, device=device, **options)
         return cache[key]
 
     with pytest.MonkeyPatch.context() as mp:

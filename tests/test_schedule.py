@@ -230,7 +230,7 @@ LOGREG_PACK = [  # plain SGD (fused), momentum + weight decay (torch.optim arith
         ("logreg", {"schedule": "cosine", "warmup": 0.2, "iters": 120, "eval_every": 60}, LOGREG_PACK),
         ("logreg", {"optimizer": "adam", "schedule": "onecycle", "iters": 80, "eval_every": 40},
          [{"lr": 0.01}, {"lr": 0.003, "seed": 2}]),
-        ("cnn", {"momentum": 0.5, "schedule": "onecycle", "normalize": True, "batch_size": 32,
+        ("cnn", {"momentum": 0.5, "schedule": "onecycle", "normalize": True, "deskew": True, "batch_size": 32,
                  "iters": 30, "eval_every": 30}, [{"lr": 0.05}, {"lr": 0.1, "seed": 1}]),
     ],
 )  # fmt: skip
@@ -252,8 +252,9 @@ def test_schedule_warmup_and_normalize_are_pack_keys():
         TrainConfig(lr=0.1, schedule="cosine"),
         TrainConfig(lr=0.1, schedule="cosine", warmup=0.1),
         TrainConfig(lr=0.1, normalize=True),
+        TrainConfig(lr=0.1, deskew=True),
     ]
-    assert group_for_packing(cfgs, 8) == [[0, 1], [2], [3], [4]]
+    assert group_for_packing(cfgs, 8) == [[0, 1], [2], [3], [4], [5]]
     for other in cfgs[2:]:
         with pytest.raises(PackError, match="runs in one pack must share"):
             check_same_pack_keys([cfgs[0], other])
@@ -266,7 +267,7 @@ def test_schedule_warmup_and_normalize_are_pack_keys():
     ("configs", "stop_at"),
     [
         ([TrainConfig(model="cnn", optimizer="adam", lr=0.003, schedule="onecycle", normalize=True,
-                      batch_size=32, iters=60, eval_every=20)], 13),  # in the rise
+                      deskew=True, batch_size=32, iters=60, eval_every=20)], 13),  # in the rise
         ([TrainConfig(lr=0.2, momentum=0.9, schedule="cosine", warmup=0.1, iters=300, eval_every=70)], 150),
         ([TrainConfig(schedule="cosine", warmup=0.1, iters=300, eval_every=70, **g) for g in LOGREG_PACK], 20),
     ],
@@ -315,12 +316,13 @@ def test_every_training_option_is_an_option_of_train_and_sweep():
 def test_train_sweep_toml_results_and_report(tmp_path):
     res = runner.invoke(
         app,
-        ["train", "--schedule", "onecycle", "--normalize", "on", "--iters", "4", "--eval-every", "2",
-         "--device", "cpu", "--results-dir", str(tmp_path / "one")],
+        ["train", "--schedule", "onecycle", "--normalize", "on", "--deskew", "on", "--iters", "4",
+         "--eval-every", "2", "--device", "cpu", "--results-dir", str(tmp_path / "one")],
     )  # fmt: skip
     assert res.exit_code == 0, res.output
     (rec,) = [json.loads(p.read_text()) for p in (tmp_path / "one").glob("*.json")]
-    assert rec["config"] | {"schedule": "onecycle", "warmup": 0.3, "normalize": True} == rec["config"]
+    want = {"schedule": "onecycle", "warmup": 0.3, "normalize": True, "deskew": True}
+    assert rec["config"] | want == rec["config"]
 
     toml = tmp_path / "sweep.toml"
     toml.write_text('schedule = ["constant", "cosine"]\nnormalize = [true, false]\nwarmup = 0.25\n')
@@ -349,6 +351,8 @@ def test_train_sweep_toml_results_and_report(tmp_path):
     # the CLI overrides the file's list, as for any option
     res = runner.invoke(app, [*args, "--schedule", "cosine", "--dry-run", "--results-dir", str(tmp_path)])
     assert res.exit_code == 0 and "4 run(s)" in res.output, res.output
+    res = runner.invoke(app, [*args, "--deskew", "on,off", "--dry-run", "--results-dir", str(tmp_path)])
+    assert res.exit_code == 0 and "16 run(s)" in res.output and "deskew" in res.output, res.output
 
     table = runner.invoke(app, ["report", str(tmp_path / "s")])
     assert table.exit_code == 0, table.output
