@@ -278,9 +278,34 @@ def test_load_deskews_both_splits_then_standardises_with_their_own_statistics():
     plain = data.load(device="cpu")
     dsk = data.load(device="cpu", deskew=True)
     both = data.load(device="cpu", deskew=True, normalize=True)
-    assert torch.equal(dsk.test_x, data.deskew_images(plain.test_x))
+    exact = data.deskew_images(plain.test_x)
+    assert (dsk.test_x - exact).abs().max().item() <= 0.5 / 255 + 1e-6  # rounded to uint8, as MNIST is
+    assert torch.equal(dsk.test_x, (exact * 255).round().clamp(0, 255) / 255)
     assert torch.equal(dsk.train_y, plain.train_y) and torch.equal(dsk.test_y, plain.test_y)
     # DESKEWED_MEAN / STD are the deskewed training pixels' mean and std, to 4 digits
     assert round(dsk.train_x.mean().item(), 4) == data.DESKEWED_MEAN
     assert round(dsk.train_x.std().item(), 4) == data.DESKEWED_STD
     assert torch.equal(both.train_x, (dsk.train_x - data.DESKEWED_MEAN) / data.DESKEWED_STD)
+
+
+def test_the_deskewed_copy_is_cached_once_and_never_taken_for_the_decoded_one(
+    data_copy, private_cache, monkeypatch
+):
+    calls = []
+    real = data.deskew_images
+    monkeypatch.setattr(data, "deskew_images", lambda x: calls.append(len(x)) or real(x))
+    key = data.source_key(data.verify_gz(data_copy / "MNIST" / "raw"))
+    raw = data_copy / "MNIST" / "raw"
+    first = data.load_uint8(data_copy, deskew=True)
+    assert calls == [60000, 10000] and (raw / data.cache_name(key, deskewed=True)).exists()
+    assert first[0].dtype == torch.uint8 and first[0].shape == (60000, 28, 28)
+    _assert_identical(first[1::2], data.load_uint8(data_copy)[1::2])  # the labels are MNIST's
+    calls.clear()
+    _assert_identical(data.load_uint8(data_copy, deskew=True), first)
+    assert not calls  # from the cache
+    plain = data.load_uint8(data_copy)  # the decoded cache is another file: not the deskewed pixels
+    assert not torch.equal(plain[0], first[0]) and not calls
+    # a decoded cache under the deskewed name (its header says so) is not used: deskewed again
+    (raw / data.cache_name(key, deskewed=True)).write_bytes(_cache_file(data_copy).read_bytes())
+    _assert_identical(data.load_uint8(data_copy, deskew=True), first)
+    assert calls == [60000, 10000]
