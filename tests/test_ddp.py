@@ -146,9 +146,9 @@ def test_more_tasks_than_gpus_on_slurm_is_refused_before_submission(tmp_path):
     assert not list(tmp_path.rglob("*.json"))
 
 
-CNN_CFG = TrainConfig(  # under a schedule, on normalised images: DDP steps each rank with the same factor
+CNN_CFG = TrainConfig(  # under a schedule, on deskewed normalised images: every rank the same factor, pixels
     model="cnn", lr=0.05, momentum=0.5, batch_size=64, iters=100, eval_every=25, device="cpu",
-    schedule="onecycle", normalize=True,
+    schedule="onecycle", normalize=True, deskew=True,
 )  # fmt: skip
 
 
