@@ -374,10 +374,9 @@ def load(
     deskew: bool = False,
 ) -> MnistTensors:
     """Verify, decode (torchvision's MNIST reader, or its cached output), scale like ToTensor, move
-    to `device`. With `deskew` (--deskew on) both splits are slant-normalised (`load_uint8`'s deskewed
-    copy, cached); with `normalize`
-    (--normalize on) they are then standardised as transforms.Normalize((0.1307,), (0.3081,)) does,
-    or after deskewing with the deskewed images' own mean and std."""
+    to `device`. With `deskew` (--deskew on) both splits are slant-normalised (`load_uint8`'s cached
+    deskewed copy). With `normalize` (--normalize on) they are then standardised as
+    transforms.Normalize((0.1307,), (0.3081,)) does, or, deskewed, with their own mean and std."""
     import torch
 
     train_x, train_y, test_x, test_y = load_uint8(data_dir, deskew=deskew)
