@@ -110,6 +110,7 @@ class TrainTask(Checkpointable):
         """Rank 0: write the decision (atomically) for the other ranks; once they have all read it
         (each leaves a `.rank<r>` mark beside it) and the job is done, remove it (`claims` closes)."""
         path = self._admission_path()
+        _remove_stale_admissions(path.parent)
         train = [self.run_ids[i] for i in todo]
         atomic_write_json(
             path, {"run_ids": self.run_ids, "job": path.name, "train": train, "skipped": skipped}
@@ -229,6 +230,20 @@ RUNNING_ELSEWHERE = "running elsewhere"  # what a task reports for a run it left
 
 
 COMPLETED_ELSEWHERE = "completed elsewhere"  # ... and for one completed by another process meanwhile
+
+
+STALE_ADMISSION_S = 3600.0  # an admission file older than this (and than twice the DDP wait) is stale
+
+
+def _remove_stale_admissions(folder: Path) -> None:
+    """Remove the decisions (and their ranks' marks) that DDP jobs killed before rank 0 could remove
+    them left behind (kill -9, a node's death): those older than an hour and than twice the DDP wait,
+    which no live job's rank still waits for."""
+    limit = time.time() - max(STALE_ADMISSION_S, 2 * _dist_timeout_s())
+    for p in folder.glob(".*.admit-*"):
+        with contextlib.suppress(OSError):
+            if p.stat().st_mtime < limit:
+                p.unlink()
 
 
 def _dist_timeout_s() -> float:

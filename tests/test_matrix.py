@@ -182,6 +182,13 @@ def test_stopped_killed_and_swept_again_equals_uninterrupted(tmp_path, case, uni
     n = len(configs(case))
     assert f"{n} run(s) stopped with a checkpoint: the same `mnist-jobs sweep` again" in status.output
 
+    # a killed DDP job leaves rank 0's decision for its ranks (.<run>.admit-<job>.<attempt>): made an
+    # hour and more old here, the next DDP job's rank 0 removes it
+    stale = list((tmp_path / "m").glob(".*.admit-*"))
+    assert bool(stale) == (CASES[case][3] > 1), stale
+    for p in stale:
+        os.utime(p, (time.time() - 7200, time.time() - 7200))
+
     # what a user does: the same command again; for a pack, with another --pack (its checkpoint
     # holds the 3 models stacked: the planner keeps the pack whole, and it resumes)
     packed = CASES[case][2] > 1
@@ -202,6 +209,7 @@ def test_stopped_killed_and_swept_again_equals_uninterrupted(tmp_path, case, uni
         b = torch.load(ref[run_id]["model_path"], weights_only=True)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert not list(folder.glob(f"*{SUFFIX}"))  # the checkpoint is gone once the results are written
+    assert not list(folder.glob(".*.admit-*"))  # and so is every DDP decision, the killed job's too
     log = "".join(p.read_text() for p in (folder / "logs").glob("*_log.out"))
     assert f"stopping at iteration {termed_at}" in log and f"at iteration {killed_at}" in log
     manifest = read_manifest(folder)
