@@ -8,10 +8,13 @@
 Rows, each trained with graphs off (`cuda_graphs=False`: every kernel launched from Python) and on (the
 default on CUDA: graphs.py), interleaved, `--repeat` times:
   tutorial   logreg, SGD 0.001, batch 100, 3000 iterations (target: < 0.3 s of training)
-  cnn        the CNN recipe of README (Adam 0.002, wd 1e-4, batch 16, 5 epochs, onecycle, deskewed and
-             normalised);
-             wall time from train() to its result, data load and evaluations included (target: >= 99.0 %
-             in < 2 s)
+  cnn        the CNN for the GPU: README's recipe at batch 128 (Adam 0.005, wd 1e-4, 5 epochs = 2345
+             steps, onecycle warm-up 0.2, deskewed and normalised; 99.00 ± 0.07 % over 3 seeds on the
+             CPU); wall time from train() to its result, data load and evaluations included (target:
+             >= 99.0 % in < 2 s)
+  cnn16      README's CPU recipe itself (batch 16: 18750 steps, Adam 0.002; 99.05 ± 0.01 % on the CPU);
+             not in the default rows: eager, at the ~3.5 ms per CNN step measured on an H100 before,
+             each run is over a minute (--rows tutorial,cnn,cnn16,pack24 adds it)
   pack24     24 logreg configs (lr 0.001..0.3 x seed 0-3, the tutorial preset) in one pack (target: < 1 s)
 Printed per row: the median training time (train_s) and total time (total_s: data load, training,
 evaluations, checkpoints) with each setting, the ratio, accuracy, and whether the target is met.
@@ -35,12 +38,19 @@ from mnist_jobs.config import TrainConfig
 from mnist_jobs.train import train, train_pack
 
 TUTORIAL = TrainConfig(device="cuda", iters=3000, eval_every=3000)
-CNN = TrainConfig(
+CNN16 = TrainConfig(
     model="cnn", optimizer="adam", lr=0.002, weight_decay=1e-4, batch_size=16, epochs=5,
     schedule="onecycle", warmup=0.2, normalize=True, deskew=True, eval_every=18750, device="cuda",
 )  # fmt: skip
+CNN = replace(CNN16, lr=0.005, batch_size=128, epochs=5, iters=None, eval_every=2345)
 PACK = [replace(TUTORIAL, lr=lr, seed=s) for lr in (0.001, 0.003, 0.01, 0.03, 0.1, 0.3) for s in range(4)]
-TARGETS = {"tutorial": ("train_s", 0.3), "cnn": ("total_s", 2.0), "pack24": ("train_s", 1.0)}
+TARGETS = {
+    "tutorial": ("train_s", 0.3),
+    "cnn": ("total_s", 2.0),
+    "cnn16": ("total_s", 2.0),
+    "pack24": ("train_s", 1.0),
+}
+ROWS = {"tutorial": TUTORIAL, "cnn": CNN, "cnn16": CNN16}
 
 
 SMOKE = False  # --smoke
@@ -56,7 +66,7 @@ def run(name: str, graphs: bool, root: Path) -> dict:
             [replace(c, **short) for c in PACK], run_ids=[f"p{i}" for i in range(len(PACK))], **kw
         )
     else:
-        recs = [train(replace(TUTORIAL if name == "tutorial" else CNN, **short), run_id="r", **kw)]
+        recs = [train(replace(ROWS[name], **short), run_id="r", **kw)]
     rec = recs[0]
     assert rec["env"]["cuda_graphs"] is graphs, rec["env"]["cuda_graphs_note"]
     return {
@@ -98,7 +108,7 @@ def main() -> int:
             for g in (False, True)
         }
         key, limit = TARGETS[name]
-        met = med[True][key] < limit and (name != "cnn" or med[True]["acc"] >= 99.0)
+        met = med[True][key] < limit and (not name.startswith("cnn") or med[True]["acc"] >= 99.0)
         table[name] = {"off": med[False], "on": med[True], "target": f"{key} < {limit}", "met": met}
         print(
             f"{name:<9} {med[False]['train_s']:>11.3f} {med[True]['train_s']:>10.3f} "
