@@ -11,7 +11,8 @@ an uninterrupted one (on the CPU; CUDA kernels may not be deterministic). It is 
 (temp file, fsync, rename) every `--checkpoint-every` iterations and when the job is told to stop
 (preemption, time limit, scancel, scontrol requeue), so the file on disk is always the newest complete
 checkpoint. A file that cannot be read, or belongs to another config, is ignored with a warning and
-never loaded. Once the completed result is written the checkpoint is deleted.
+never loaded. Once the completed result is written the checkpoint is deleted, and so is any other one
+in the folder that no run needs any more (`remove_finished`).
 
 The names (`checkpoint_path`, `population_path`) are torch-free: the login node's planner looks for
 checkpoints to keep a checkpointed pack together (sweepdir.resumable_packs) without importing torch.
@@ -19,15 +20,17 @@ checkpoints to keep a checkpointed pack together (sweepdir.resumable_packs) with
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import random
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .config import TrainConfig
-from .results import atomic_write_bytes
+from .results import atomic_write_bytes, result_path
 
 if TYPE_CHECKING:
     import torch
@@ -58,6 +61,45 @@ def resolve_every(every: int | None, iters: int) -> int:
     if every is None:
         return 0 if iters < SHORT_RUN else max(MIN_EVERY, -(-iters // MAX_PER_RUN))
     return max(0, int(every))
+
+
+def remove_finished(folder: Path | str, mine: Sequence[str] = ()) -> list[Path]:
+    """Remove the checkpoints in `folder` that no run needs any more, and return them: those all of
+    whose runs have a completed result written after the checkpoint was, and none of which is
+    training now (claimed; the caller's own runs, `mine`, just completed, are its claims).
+
+    So a pack checkpoint that the planner could not resume goes once its last run is completed
+    elsewhere (its runs regrouped after one of them completed or was claimed elsewhere, or --force);
+    a lone checkpoint left by an earlier lone attempt goes once its run completes in a pack. A
+    checkpoint written after its run's result (a --force rerun's) is kept, and so is one that cannot
+    be read (`load` warns when a run meets it)."""
+    import torch
+
+    from .claims import result_status, run_is_claimed
+
+    folder, mine = Path(folder), set(mine)
+    removed = []
+    for path in sorted(folder.glob(f"*{SUFFIX}")):
+        try:
+            written = path.stat().st_mtime
+            if path.name.startswith("pack-"):
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                run_ids = [str(r) for r in state["run_ids"]]
+            else:
+                run_ids = [path.name[: -len(SUFFIX)]]
+            done = all(
+                result_status(folder, r)[0] == "completed"
+                and result_path(folder, r).stat().st_mtime > written
+                and (r in mine or not run_is_claimed(folder, r))
+                for r in run_ids
+            )
+        except Exception:  # unreadable, or gone meanwhile: not this function's to judge
+            continue
+        if done:
+            with contextlib.suppress(OSError):
+                path.unlink()
+                removed.append(path)
+    return removed
 
 
 def rng_state(device: torch.device) -> dict[str, Any]:

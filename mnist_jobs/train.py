@@ -309,6 +309,7 @@ def train_pack(
             rec["result_path"] = str(path)
     if dist.is_main:  # the results are complete and on disk: the checkpoint has done its job
         ckpt_file.unlink(missing_ok=True)
+        ckpt.remove_finished(results_dir, mine=run_ids)  # and any older one these runs left elsewhere
     if all(rec["status"] == "failed" and rec["error"]["type"] == "Diverged" for rec in records):
         raise Diverged(records[0]["error"]["message"], records)  # every run diverged: the job fails
     return records

@@ -604,3 +604,47 @@ def test_force_restarts_a_stopped_pack_from_scratch(tmp_path):
         rec = json.loads((folder / f"{rid}.json").read_text())
         assert rec["status"] == "completed" and rec["checkpointing"]["resumed_from_iteration"] is None
     assert not list(folder.glob("*.ckpt.pt"))
+
+
+def test_a_checkpoint_is_removed_once_every_run_in_it_completed_wherever_it_did(tmp_path, one_thread):
+    """A pack checkpoint the planner cannot resume (its runs completed elsewhere, in other groupings)
+    goes when the last of its runs completes; a lone one when its run does. One written after its
+    run's result (a --force rerun's), or one with a run training now (claimed), stays."""
+    from mnist_jobs.train import train_pack
+
+    cfgs = [TrainConfig(lr=lr, iters=100, eval_every=50, device="cpu") for lr in (0.1, 0.2, 0.3)]
+    a, b, c = "a", "b", "c"
+
+    def stopped(configs, ids, at):
+        stop = StopFlag()
+
+        def progress(p):
+            if p.iteration >= at:
+                stop.request(signal.SIGTERM)
+
+        with pytest.raises(Interrupted):
+            train_pack(configs, run_ids=ids, results_dir=tmp_path, progress=progress, stop=stop,
+                       checkpoint_every=0)  # fmt: skip
+
+    stopped(cfgs, [a, b, c], 25)
+    pack = ckpt.population_path(tmp_path, [a, b, c])
+    stopped(cfgs[1:2], [b], 50)  # b alone, stopped too: its own checkpoint
+    lone_b = ckpt.checkpoint_path(tmp_path, b)
+    assert pack.exists() and lone_b.exists()
+
+    train(cfgs[0], run_id=a, results_dir=tmp_path)  # a and c complete alone: b is not done
+    train(cfgs[2], run_id=c, results_dir=tmp_path)
+    assert pack.exists() and lone_b.exists()
+    with claim_run(tmp_path, c):  # c trains again elsewhere (claimed) while b completes
+        rec = train(cfgs[1], run_id=b, results_dir=tmp_path)
+        assert rec["checkpointing"]["resumed_from_iteration"] == 50 and not lone_b.exists()
+        assert pack.exists()  # every run of it is completed, but c is being trained
+    assert ckpt.remove_finished(tmp_path) == [pack]  # every run of it completed, none training
+
+    stopped(cfgs[:1], ["d"], 50)  # d stopped alone, then trained in a pack (from scratch) to the end
+    train_pack(cfgs[:2], run_ids=["d", "e"], results_dir=tmp_path)
+    assert not ckpt.checkpoint_path(tmp_path, "d").exists()  # its lone checkpoint went with it
+
+    # a --force rerun's checkpoint is newer than the completed result it is about to replace: kept
+    stopped(cfgs[:1], [a], 50)
+    assert ckpt.remove_finished(tmp_path) == [] and ckpt.checkpoint_path(tmp_path, a).exists()
