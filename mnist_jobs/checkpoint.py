@@ -69,7 +69,7 @@ def remove_finished(folder: Path | str, mine: Sequence[str] = ()) -> list[Path]:
     training now (claimed; the caller's own runs, `mine`, just completed, are its claims).
 
     So a pack checkpoint that the planner could not resume goes once its last run is completed
-    elsewhere (its runs regrouped after one of them completed or was claimed elsewhere, or --force);
+    elsewhere (its runs regrouped: swept again in a grid without one of them, or --force);
     a lone checkpoint left by an earlier lone attempt goes once its run completes in a pack. A
     checkpoint written after its run's result (a --force rerun's) is kept, and so is one that cannot
     be read (`load` warns when a run meets it)."""

@@ -458,7 +458,7 @@ def _launch(opts, *, dry_run: bool, wait: bool, name: str | None = None) -> None
             console.print("nothing to submit")
             return
         tasks, groups = launch.make_tasks(plan, todo)
-        _print_resumed(plan.resumed(todo))
+        _print_resumed(plan.resumed(todo), todo)
         if plan.executor == "slurm":
             sub = launch.submit(plan, tasks, groups)
         else:
@@ -518,13 +518,18 @@ def _print_dry_run(console, plan, dry) -> None:
     console.print("dry run: nothing submitted")
 
 
-def _print_resumed(resumed: list[list[str]]) -> None:
-    """Which tasks resume from a checkpoint; a checkpointed pack is kept whole whatever --pack says."""
+def _print_resumed(resumed: list[list[str]], todo: list[str] | None = None) -> None:
+    """Which tasks resume from a checkpoint; a checkpointed pack is kept whole whatever --pack says,
+    carrying its runs that are not to do (`todo`; None: all are)."""
     if not resumed:
         return
-    runs = sum(len(g) for g in resumed)
+    members = [r for g in resumed for r in g]
+    runs = len(members) if todo is None else len(set(members) & set(todo))
     packs = [g for g in resumed if len(g) > 1]
     kept = f"; {len(packs)} pack(s) kept whole as checkpointed, whatever --pack says" if packs else ""
+    carried = len(members) - runs
+    if carried:
+        kept += f", carrying {carried} run(s) done or training elsewhere (trained along, not written)"
     typer.echo(f"  {runs} run(s) resume from their checkpoints{kept}")  # plain: never wrapped
 
 

@@ -42,6 +42,11 @@ class TrainTask(Checkpointable):
     Each run is claimed (a lock held while it trains, see claims.claim_run), so two sweeps sharing a
     folder never train the same run at once, and a run completed elsewhere meanwhile is not trained
     again. In a DDP job rank 0 claims, and the other ranks train exactly what it admitted.
+
+    A pack whose checkpoint is on disk resumes whole even when some of its runs are not this task's
+    to write (`carried`: the planner's, completed or training elsewhere since it was checkpointed; or
+    found so when claiming): those are trained along from the checkpoint and never written, claimed
+    or logged, so the others continue instead of restarting in a smaller pack.
     """
 
     configs: list[dict[str, Any]]
@@ -56,6 +61,7 @@ class TrainTask(Checkpointable):
     requeues: int = 0  # requeues submitit made (checkpoint() counts them); SLURM_RESTART_COUNT too
     skip_completed: bool = True  # False with --force
     fresh: bool = False  # --force: the first attempt drops the runs' checkpoints (requeued ones resume)
+    carried: list[str] = field(default_factory=list)  # runs of the pack trained along, never written
 
     def __call__(self) -> list[dict[str, Any]]:
         import torch
@@ -71,9 +77,10 @@ class TrainTask(Checkpointable):
                     self._admit(claims, dist, todo, skipped)
             else:
                 todo, skipped = self._admitted(dist)
+            todo, carried = self._carrying(todo)
             configs = [TrainConfig.from_dict(self.configs[i]) for i in todo]
             run_ids = [self.run_ids[i] for i in todo]
-            records = self._train(configs, run_ids, dist) if configs else []
+            records = self._train(configs, run_ids, dist, carried) if configs else []
         done = [
             {"run_id": r["run_id"], "status": r["status"], "test_accuracy": r["metrics"].get("test_accuracy")}
             for r in records
@@ -86,6 +93,8 @@ class TrainTask(Checkpointable):
         folder = Path(self.results_dir)
         todo, skipped = [], []
         for i, run_id in enumerate(self.run_ids):
+            if run_id in self.carried:  # not this task's run: another job, or result, has it
+                continue
             if not claims.enter_context(claim_run(folder, run_id)):
                 skipped.append({"run_id": run_id, "status": RUNNING_ELSEWHERE, "test_accuracy": None})
                 continue
@@ -96,6 +105,19 @@ class TrainTask(Checkpointable):
                 continue
             todo.append(i)
         return todo, skipped
+
+    def _carrying(self, todo: list[int]) -> tuple[list[int], list[str]]:
+        """The runs to train (indices), and the run ids among them to carry: when only some of a
+        pack's runs are to be written and the whole pack's checkpoint is there, the pack trains whole
+        (the checkpoint holds its models stacked, in its order: a smaller pack would restart)."""
+        from .checkpoint import population_path
+
+        n = len(self.run_ids)
+        if not todo or len(todo) == n or (self.fresh and self.requeue_count() == 0):
+            return todo, []  # (--force's first attempt starts afresh: it drops the checkpoint)
+        if not population_path(self.results_dir, self.run_ids).exists():
+            return todo, []  # nothing to resume: the rest train as a smaller pack
+        return list(range(n)), [r for i, r in enumerate(self.run_ids) if i not in todo]
 
     def _admission_path(self) -> Path:
         """Where rank 0 of a DDP job leaves the runs it claimed for its ranks: named after the job and
@@ -146,9 +168,11 @@ class TrainTask(Checkpointable):
         admitted = set(data["train"])
         return [i for i, r in enumerate(self.run_ids) if r in admitted], list(data["skipped"])
 
-    def _train(self, configs: list[TrainConfig], run_ids: list[str], dist) -> list[dict[str, Any]]:
+    def _train(
+        self, configs: list[TrainConfig], run_ids: list[str], dist, carried: list[str]
+    ) -> list[dict[str, Any]]:
         """One run or a pack (the same loop), with the stop signals routed to it (it checkpoints, then
-        stops)."""
+        stops); the records of the runs it writes (not of those it carries)."""
         from .train import Interrupted, StopFlag, train_pack
 
         if self.fresh and self.requeue_count() == 0 and dist.is_main:
@@ -173,6 +197,7 @@ class TrainTask(Checkpointable):
                     stop=stop,
                     requeues=self.requeue_count(),
                     max_requeues=self.max_requeues,
+                    carried=carried,
                 )
             except Interrupted as e:
                 submitit_handler = previous.get(signal.SIGUSR2)

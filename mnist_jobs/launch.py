@@ -214,12 +214,14 @@ class Plan:
         ids = self.run_ids if run_ids is None else run_ids
         s = self.options.slurm
         ddp = s.tasks_per_node * s.nodes > 1
-        return [g for g in resumable_packs(self.folder, ids) if len(g) == 1 or not ddp]
+        kept = resumable_packs(self.folder, ids, carriable=self.run_ids)  # (may carry runs not in ids)
+        return [g for g in kept if len(g) == 1 or not ddp]
 
     def groups(self, run_ids: list[str] | None = None) -> list[list[str]]:
         """The runs (default: all) as the array's tasks: those a checkpoint resumes as they were
-        packed (`resumed`), the others one each or in packs of --pack (`packing.group_for_packing`);
-        ordered by their first run. The dry run and the submission both use this."""
+        packed (`resumed`: such a pack may carry a run not in `run_ids`, see make_tasks), the others
+        one each or in packs of --pack (`packing.group_for_packing`); ordered by their first run. The
+        dry run and the submission both use this."""
         ids = self.run_ids if run_ids is None else run_ids
         kept = self.resumed(ids)
         taken = {r for g in kept for r in g}
@@ -236,7 +238,7 @@ class Plan:
                 ]
             except PackError as e:
                 raise ConfigError(str(e)) from None
-        order = {r: i for i, r in enumerate(ids)}
+        order = {r: i for i, r in enumerate(self.run_ids)}
         return sorted(kept + fresh, key=lambda g: min(order[r] for r in g))
 
 
@@ -305,17 +307,21 @@ def preflight(plan: Plan) -> None:
 
 
 def make_tasks(plan: Plan, run_ids: list[str]) -> tuple[list[TrainTask], list[list[str]]]:
-    """One TrainTask per run, or per pack of runs (--pack N).
+    """One TrainTask per run, or per pack of runs (--pack N), and each task's runs among `run_ids`.
+
+    A checkpointed pack may hold a run not in `run_ids` (completed, or training elsewhere, since it was
+    checkpointed): the task carries it, trained along from the checkpoint but never written, so the
+    others resume instead of restarting (TrainTask.carried).
 
     A pack is sized on the machine that trains it: here for the local executors; for SLURM the compute
     node checks it at run time (the login node may have no GPU, or another one)."""
     o = plan.options
-    groups = plan.groups(run_ids)
+    packs, wanted = plan.groups(run_ids), set(run_ids)
     if plan.executor != "slurm" and o.pack > 1:
         from .local import local_device_type
         from .packing import PackError, check_pack_fits
 
-        for g in groups:
+        for g in packs:
             cfg = plan.config(g[0])
             try:
                 check_pack_fits(cfg, len(g), local_device_type(cfg.device))
@@ -325,6 +331,7 @@ def make_tasks(plan: Plan, run_ids: list[str]) -> tuple[list[TrainTask], list[li
         TrainTask(
             configs=[plan.config(r).to_dict() for r in g],
             run_ids=list(g),
+            carried=[r for r in g if r not in wanted],
             results_dir=str(plan.folder),
             data_dir=str(o.data_dir) if o.data_dir else None,
             extra={"sweep": plan.name},
@@ -333,9 +340,9 @@ def make_tasks(plan: Plan, run_ids: list[str]) -> tuple[list[TrainTask], list[li
             skip_completed=not o.force,
             fresh=o.force,  # --force: the job starts from scratch (its first attempt drops checkpoints)
         )
-        for g in groups
+        for g in packs
     ]
-    return tasks, groups
+    return tasks, [[r for r in g if r in wanted] for g in packs]
 
 
 def slurm_executor_for(plan: Plan, *, dry_run: bool = False):
@@ -375,10 +382,18 @@ def dry_run(plan: Plan) -> DryRun:
     return DryRun(groups, resumed, sbatch, -(-n // per), limit)
 
 
-def _runs_info(plan: Plan, groups: list[list[str]], job_ids: list[str | None]) -> dict[str, dict[str, Any]]:
+def _runs_info(
+    plan: Plan, tasks: list[TrainTask], groups: list[list[str]], job_ids: list[str | None]
+) -> dict[str, dict[str, Any]]:
+    """The manifest's entry for each run a task trains for the sweep (not for a run it carries: that
+    one's entry stays its own job's); `packed_with` is the whole pack, in its order, carried runs too."""
     return {
-        r: {"config": plan.config(r).to_dict(), "job_id": job_id, "packed_with": [x for x in g if x != r]}
-        for g, job_id in zip(groups, job_ids)
+        r: {
+            "config": plan.config(r).to_dict(),
+            "job_id": job_id,
+            "packed_with": [x for x in t.run_ids if x != r],
+        }
+        for t, g, job_id in zip(tasks, groups, job_ids)
         for r in g
     }
 
@@ -408,7 +423,7 @@ def submit(plan: Plan, tasks: list[TrainTask], groups: list[list[str]]) -> Submi
         if not chunks and new_folder:  # refused outright: leave no trace (submitit's script)
             shutil.rmtree(plan.folder, ignore_errors=True)
     job_ids = [j for chunk in chunks for j in chunk]
-    runs = _runs_info(plan, groups[: len(job_ids)], job_ids)
+    runs = _runs_info(plan, tasks, groups[: len(job_ids)], job_ids)
     if runs:
         record_submission(
             plan.folder, name=plan.name, executor="slurm", grid=plan.space,
@@ -426,7 +441,7 @@ def run_here(plan: Plan, tasks: list[TrainTask], groups: list[list[str]], on_eve
     from .local import run_local
 
     o = plan.options
-    runs = _runs_info(plan, groups, [None] * len(groups))
+    runs = _runs_info(plan, tasks, groups, [None] * len(groups))
     record_submission(plan.folder, name=plan.name, executor="local", grid=plan.space, slurm=None, runs=runs)
 
     def event(what: str, i: int, obj: Any) -> None:

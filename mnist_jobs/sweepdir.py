@@ -13,7 +13,7 @@ import enum
 import fcntl
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -177,20 +177,25 @@ def plan_runs(
     return candidates, skipped
 
 
-def resumable_packs(folder: Path, run_ids: list[str]) -> list[list[str]]:
+def resumable_packs(folder: Path, run_ids: list[str], carriable: Iterable[str] = ()) -> list[list[str]]:
     """The tasks among `run_ids` that a checkpoint in `folder` resumes, each in its checkpoint's order:
     a pack the manifest last recorded (`packed_with`) whose `pack-<hash>.ckpt.pt` is there, and a run
     with a lone checkpoint of its own. A pack checkpoint holds its models stacked, so only the same
     pack, in the same order, can load it: the planner keeps these together whatever --pack says now.
-    A pack some of whose runs are not in `run_ids` (completed, or training elsewhere) is not one."""
+
+    A pack member that is not in `run_ids` (completed, failed, or training elsewhere) but is in
+    `carriable` (the sweep's grid) is carried: the task trains it along from the checkpoint and writes
+    nothing for it (job.TrainTask's `carried`), so the others need not restart. A pack with a member
+    in neither is not resumable."""
     recorded = (read_manifest(folder) or {}).get("runs", {})
     wanted, taken = set(run_ids), set()
+    allowed = wanted | set(carriable)
     tasks: list[list[str]] = []
     for run_id in run_ids:
         if run_id in taken:
             continue
         others = list(recorded.get(run_id, {}).get("packed_with") or [])
-        if others and all(o in wanted and o not in taken for o in others):
+        if others and all(o in allowed and o not in taken for o in others):
             # packed_with is the pack's order less this run: its place is one of len(others) + 1
             for i in range(len(others) + 1):
                 members = [*others[:i], run_id, *others[i:]]

@@ -38,7 +38,7 @@ import socket
 import struct
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -248,15 +248,17 @@ class RunLogs:
         run_ids: Sequence[str],
         configs: Sequence[TrainConfig],
         enabled: bool = True,
+        skip: Collection[str] = (),
     ) -> None:
-        self.dirs = [log_dir(results_dir, r) for r in run_ids] if enabled else []
+        """`skip`: runs not logged (a pack's carried runs: another run's logs are theirs)."""
+        self.dirs = [None if r in skip else log_dir(results_dir, r) for r in run_ids] if enabled else []
         self.run_ids, self.configs = list(run_ids), list(configs)
-        self.files: list[_EventFile] = []
+        self.files: list[_EventFile | None] = []
         self.started = False
 
     def dir_of(self, m: int) -> str | None:
         """Run m's folder, when this attempt logged there."""
-        return str(self.dirs[m]) if self.started else None
+        return str(self.dirs[m]) if self.started and self.dirs[m] is not None else None
 
     def start(self, histories: Sequence[list[dict[str, Any]]], resumed_from: int | None) -> None:
         if not self.dirs:
@@ -271,6 +273,9 @@ class RunLogs:
         started = time.time()
         try:
             for m, folder in enumerate(self.dirs):
+                if folder is None:
+                    self.files.append(None)
+                    continue
                 if resumed_from is None:  # from scratch: an earlier attempt's curves are not this run's
                     shutil.rmtree(folder, ignore_errors=True)
                     steps, has_session = set(), False
@@ -288,19 +293,19 @@ class RunLogs:
             self._give_up(e)
 
     def add(self, m: int, entry: dict[str, Any]) -> None:
-        if self.files:
+        if self.files and (f := self.files[m]) is not None:
             try:
-                self.files[m].point(entry)
+                f.point(entry)
             except OSError as e:
                 self._give_up(e)
 
     def _give_up(self, e: OSError) -> None:
-        where = getattr(e, "filename", None) or self.dirs[0]
+        where = getattr(e, "filename", None) or next(d for d in self.dirs if d is not None)
         warn_once(f"TensorBoard logs stopped: {e.strerror or e} ({where})")
         self.close()
 
     def close(self) -> None:
-        for f in self.files:
+        for f in filter(None, self.files):
             with contextlib.suppress(OSError):
                 f.close()
         self.files = []

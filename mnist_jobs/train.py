@@ -207,9 +207,14 @@ def train_pack(
     exact: bool | None = None,
     tensorboard: bool | None = None,
     cuda_graphs: bool | str | None = None,
+    carried: Sequence[str] = (),
 ) -> list[dict[str, Any]]:
     """Train `configs` together (one, or several sharing packed.PACK_KEYS) and write one result per
     run; return the records (with `result_path`).
+
+    `carried`: run ids of the pack trained along but not this call's to write (no result, weights or
+    TensorBoard logs, not returned): a checkpointed pack some of whose runs completed, or are training,
+    elsewhere resumes whole (job.TrainTask), since its checkpoint only loads into the same pack.
 
     Resumes from the runs' checkpoint when there is a usable one. `checkpoint_every`: N iterations
     between checkpoints (0: none; None: the default rule of `checkpoint.resolve_every`). `requeues` and
@@ -231,6 +236,9 @@ def train_pack(
         raise PackError(f"need one run id per config (got {len(configs)} configs, {len(run_ids)} ids)")
     if len(set(run_ids)) != len(run_ids):
         raise PackError("run ids in a pack must be distinct")
+    carried = set(carried)
+    if not carried < set(run_ids):
+        raise PackError(f"carried runs must be some of the pack's runs, not all (got {sorted(carried)})")
     extras = list(extra) if isinstance(extra, (list, tuple)) else [extra or {}] * len(configs)
     if len(extras) != len(configs):
         raise PackError(f"need one extra dict per config (got {len(extras)} for {len(configs)} configs)")
@@ -249,12 +257,15 @@ def train_pack(
         records.append(rec)
     paths = [result_path(results_dir, rid) for rid in run_ids]
     histories: list[list[dict[str, Any]]] = [[] for _ in configs]
-    tb = tblog.RunLogs(results_dir, run_ids, configs, enabled=dist.is_main and tblog.wanted(tensorboard))
+    tb = tblog.RunLogs(
+        results_dir, run_ids, configs, enabled=dist.is_main and tblog.wanted(tensorboard), skip=carried
+    )
     t_start = time.perf_counter()
     try:
         attempt = _Attempt(
-            configs=configs, records=records, histories=histories, paths=paths, ckpt_file=ckpt_file, tb=tb
-        )
+            configs=configs, records=records, histories=histories, paths=paths, ckpt_file=ckpt_file, tb=tb,
+            carried=frozenset(carried),
+        )  # fmt: skip
         _run(
             attempt,
             data_dir=data_dir,
@@ -271,7 +282,7 @@ def train_pack(
         for rec, history in zip(records, histories):
             rec["status"] = "interrupted"  # not written: the checkpoint carries the run
             rec["metrics"].setdefault("history", history)
-        e.records = records
+        e.records = [r for r in records if r["run_id"] not in carried]
         raise
     except BaseException as e:
         if dist.distributed and is_peer_lost(e) and not _a_peer_failed(paths[0], dist):
@@ -304,12 +315,14 @@ def train_pack(
             earlier = rec["timings"].get("earlier_attempts_s", 0.0)  # when resumed: the time before
             rec["timings"]["total_s"] = round(time.perf_counter() - t_start + earlier, 4)
             rec["timings"]["pack_size"] = len(configs)
-            if dist.is_main and rec["status"] != "interrupted":
+            if dist.is_main and rec["status"] != "interrupted" and rec["run_id"] not in carried:
                 atomic_write_json(path, rec)
             rec["result_path"] = str(path)
+    records = [r for r in records if r["run_id"] not in carried]
+    mine = [r["run_id"] for r in records]
     if dist.is_main:  # the results are complete and on disk: the checkpoint has done its job
         ckpt_file.unlink(missing_ok=True)
-        ckpt.remove_finished(results_dir, mine=run_ids)  # and any older one these runs left elsewhere
+        ckpt.remove_finished(results_dir, mine=mine)  # and any older one these runs left elsewhere
     if all(rec["status"] == "failed" and rec["error"]["type"] == "Diverged" for rec in records):
         raise Diverged(records[0]["error"]["message"], records)  # every run diverged: the job fails
     return records
@@ -410,6 +423,7 @@ class _Attempt:
     paths: list[Path]
     ckpt_file: Path
     tb: tblog.RunLogs
+    carried: frozenset[str] = frozenset()  # run ids trained along, not written (train_pack)
 
 
 def _run(
@@ -586,6 +600,8 @@ def _run(
         loop.train_s += time.perf_counter() - t_loop
         if dist.is_main:
             for m, path in enumerate(paths):
+                if run_ids[m] in attempt.carried:
+                    continue
                 if diverged_at(histories[m]) is None:  # (a diverged model's weights are NaN: not kept)
                     save_weights(pop.weights(m), path.with_suffix(".pt"))
 

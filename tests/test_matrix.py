@@ -214,3 +214,64 @@ def test_stopped_killed_and_swept_again_equals_uninterrupted(tmp_path, case, uni
     assert f"stopping at iteration {termed_at}" in log and f"at iteration {killed_at}" in log
     manifest = read_manifest(folder)
     assert set(manifest["runs"]) == set(got) and len(manifest["submissions"]) == 3
+
+
+@pytest.mark.parametrize("where", ["planner", "job"])
+def test_a_killed_pack_resumes_whole_carrying_a_run_completed_elsewhere(tmp_path, where, uninterrupted):
+    """A pack killed after a checkpoint, then one of its runs completed elsewhere (a sweep of it alone
+    into the same folder: it trains from scratch). The pack's checkpoint only loads into the same
+    pack, so the other two resume in it, carrying the completed run: trained along, never written.
+    The planner carries it (`sweep` again), or the job finds it completed when it claims (a task
+    planned before, run now). Either way the two equal the uninterrupted runs bit for bit, and the
+    completed run's result, weights and manifest entry are untouched."""
+    case = "logreg-pack3"
+    killed_at = interrupt(case, tmp_path, "sigkill")
+    folder = tmp_path / "m"
+    a, b, c = (sweep_run_id(cfg) for cfg in configs(case))
+    grid = CASES[case][0]
+    lone = [*sweep_cmd(case, tmp_path, pack=1)]
+    lone[lone.index("--lr") + 1] = str(grid["lr"][1])  # b alone: not the pack, so from scratch
+    done = subprocess.run(lone, capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "resume from their checkpoints" not in done.stdout
+    b_result = (folder / f"{b}.json").read_bytes()
+    b_weights = (folder / f"{b}.pt").read_bytes()
+    assert json.loads(b_result)["checkpointing"]["resumed_from_iteration"] is None
+    b_logs = {f: f.read_bytes() for f in (folder / "tb" / b).rglob("*") if f.is_file()}
+    assert b_logs  # (TensorBoard logs: on in the tests)
+    assert len(list(folder.glob(f"pack-*{SUFFIX}"))) == 1  # the pack's, still needed by a and c
+
+    if where == "planner":
+        again = run_sweep(case, tmp_path)
+        assert again.returncode == 0, again.stdout + again.stderr
+        assert "2 run(s) resume from their checkpoints; 1 pack(s) kept whole" in again.stdout
+        assert "carrying 1 run(s) done or training elsewhere" in again.stdout
+    else:
+        from mnist_jobs.job import COMPLETED_ELSEWHERE, TrainTask
+
+        task = TrainTask(
+            configs=[cfg.to_dict() for cfg in configs(case)],
+            run_ids=[a, b, c],
+            results_dir=str(folder),
+            threads=os.cpu_count(),
+            checkpoint_every=CASES[case][1],
+        )
+        said = {o["run_id"]: o["status"] for o in task()}
+        assert said == {a: "completed", b: COMPLETED_ELSEWHERE, c: "completed"}
+
+    got, ref = results_of(folder), uninterrupted(case)
+    assert sorted(got) == sorted(ref)
+    for run_id in (a, c):
+        rec = got[run_id]
+        assert rec["status"] == "completed"
+        assert rec["metrics"]["history"] == ref[run_id]["metrics"]["history"]  # bit for bit
+        assert rec["checkpointing"]["resumed_from_iteration"] == killed_at
+        assert rec["packed_with"] == ref[run_id]["packed_with"]  # the whole pack, b too
+        w, w_ref = (torch.load(r["model_path"], weights_only=True) for r in (rec, ref[run_id]))
+        assert all(torch.equal(w[k], w_ref[k]) for k in w_ref)
+    assert (folder / f"{b}.json").read_bytes() == b_result  # carried: never written
+    assert (folder / f"{b}.pt").read_bytes() == b_weights
+    assert {f: f.read_bytes() for f in (folder / "tb" / b).rglob("*") if f.is_file()} == b_logs
+    assert not list(folder.glob(f"*{SUFFIX}"))
+    if where == "planner":
+        assert read_manifest(folder)["runs"][b]["packed_with"] == []  # still its own lone sweep's

@@ -350,10 +350,10 @@ def test_checkpointed_runs_keep_their_packing_whatever_pack_says(tmp_path):
     """A pack's checkpoint holds its models stacked, in its order: the planner keeps the pack the
     manifest last recorded whole (and in that order) while its checkpoint is there, and a run with
     a lone checkpoint lone, whatever --pack says; the others are packed as asked. --force starts
-    afresh, so it keeps nothing. (End to end, a killed pack resumed with another --pack:
-    test_matrix.py.)"""
+    afresh, so it keeps nothing. A pack some of whose runs are done elsewhere is kept, carrying them.
+    (End to end, a killed pack resumed with another --pack, or carrying a run: test_matrix.py.)"""
     from mnist_jobs.checkpoint import checkpoint_path, population_path
-    from mnist_jobs.sweepdir import record_submission
+    from mnist_jobs.sweepdir import record_submission, resumable_packs
 
     lrs = ["0.1", "0.2", "0.3", "0.4", "0.5"]
     configs = expand_grid(
@@ -383,6 +383,10 @@ def test_checkpointed_runs_keep_their_packing_whatever_pack_says(tmp_path):
                               "--results-dir", str(tmp_path), "--dry-run"])  # fmt: skip
     assert "4 run(s) resume from their checkpoints; 1 pack(s) kept whole" in res.output, res.output
     assert tasks("--pack", "5", "--force") == [[a, b, c, d, e]]
+    # a and c done (or training) elsewhere: the pack is kept whole, carrying them, if the grid has them
+    assert resumable_packs(folder, [b, d, e], carriable=[a, b, c, d, e]) == [[c, a, b], [e]]
+    assert resumable_packs(folder, [b, d, e], carriable=[b, c, d, e]) == [[e]]
+    assert resumable_packs(folder, [b, d, e]) == [[e]]
     # a lone run of the pack's is not asked for: the pack cannot resume, its runs are packed anew
     res = runner.invoke(app, ["sweep", "--lr", "0.1,0.2,0.4", *FAST, "--name", "k", "--pack", "3",
                               "--results-dir", str(tmp_path), "--dry-run"])  # fmt: skip
