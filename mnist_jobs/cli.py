@@ -827,21 +827,30 @@ def cancel(
     name: RequiredSweepName,
     results_dir: ResultsDir = Path("results"),
 ) -> None:
-    """Cancel (scancel) every run of a sweep that is still queued or running."""
-    from .slurm import cancel_jobs
-    from .sweepdir import ManifestError, run_states
+    """Cancel every run of a sweep that is still queued or running: SLURM jobs with scancel, local jobs
+    on this machine with SIGTERM (each run checkpoints and stops; the same sweep again resumes it)."""
+    from .launch import LaunchError, cancel_sweep
+    from .sweepdir import ManifestError
 
     folder = _sweep_folder(name, results_dir)
     try:
-        rows = run_states(folder)
-    except ManifestError as e:
+        done = cancel_sweep(folder)
+    except (ManifestError, LaunchError) as e:
         fail(str(e))
-    live = sorted({r["job_id"] for r in rows if r["job_id"] and r["state"].live})
-    if not live:
+    if not (done.slurm or done.local or done.elsewhere or done.unreachable):
         typer.echo(f"nothing to cancel in {name}")
         return
-    cancel_jobs(live)
-    typer.echo(f"cancelled {len(live)} job(s): {', '.join(live)}")
+    if done.slurm:
+        typer.echo(f"cancelled {len(done.slurm)} job(s): {', '.join(done.slurm)}")
+    if done.local:
+        typer.echo(
+            f"stopped {len(done.local)} local job(s): {', '.join(done.local)} (they checkpoint first: "
+            "the same `mnist-jobs sweep` again resumes them)"
+        )
+    for run_id, host in done.elsewhere.items():
+        typer.echo(f"{run_id} trains on {host}, not here: run `mnist-jobs cancel {name}` there")
+    if done.unreachable:
+        typer.echo(f"no local job {', '.join(done.unreachable)} on this machine any more: nothing to stop")
 
 
 # ---- report --------------------------------------------------------------------------------------

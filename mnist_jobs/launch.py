@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -201,9 +202,7 @@ class Plan:
     def todo(self) -> tuple[list[str], dict[str, list[str]]]:
         """The runs left to do, and the skipped ones by reason (completed, failed, queued, running)."""
         o = self.options
-        return plan_runs(
-            self.folder, self.run_ids, retry_failed=o.retry_failed, force=o.force, executor=o.executor
-        )
+        return plan_runs(self.folder, self.run_ids, retry_failed=o.retry_failed, force=o.force)
 
     def resumed(self, run_ids: list[str] | None = None) -> list[list[str]]:
         """The tasks that resume from a checkpoint in the sweep folder, packed as they were packed
@@ -386,12 +385,18 @@ def _runs_info(
     plan: Plan, tasks: list[TrainTask], groups: list[list[str]], job_ids: list[str | None]
 ) -> dict[str, dict[str, Any]]:
     """The manifest's entry for each run a task trains for the sweep (not for a run it carries: that
-    one's entry stays its own job's); `packed_with` is the whole pack, in its order, carried runs too."""
+    one's entry stays its own job's); `packed_with` is the whole pack, in its order, carried runs too.
+    `executor` is the run's own (one folder may hold runs of local and SLURM sweeps); a local run's
+    `host` is where its job id, a process, lives (`cancel` stops it there)."""
+    where = {"executor": plan.executor}
+    if plan.executor != "slurm":
+        where["host"] = socket.gethostname()
     return {
         r: {
             "config": plan.config(r).to_dict(),
             "job_id": job_id,
             "packed_with": [x for x in t.run_ids if x != r],
+            **where,
         }
         for t, g, job_id in zip(tasks, groups, job_ids)
         for r in g
@@ -468,3 +473,43 @@ def local_parallel(opts: SweepOptions) -> int:
     from .local import local_gpu_count
 
     return opts.max_parallel or max(1, local_gpu_count())
+
+
+@dataclass(frozen=True)
+class Cancelled:
+    """What `cancel_sweep` did: SLURM jobs cancelled, local jobs told to stop, and the live runs it
+    could not reach (`elsewhere`: run id -> the host whose process trains it; `unreachable`: a local
+    job id with no such job on this machine any more)."""
+
+    slurm: list[str]
+    local: list[str]
+    elsewhere: dict[str, str]
+    unreachable: list[str]
+
+
+def cancel_sweep(folder: Path) -> Cancelled:
+    """Cancel every queued or running run of the sweep, each through its own backend: scancel for the
+    SLURM ones; for local ones on this machine, SIGTERM to the job (local.stop_local_job: it
+    checkpoints and stops, and the same sweep again resumes it). A folder may hold both."""
+    from .local import stop_local_job
+    from .slurm import cancel_jobs
+    from .sweepdir import run_states
+
+    live = [r for r in run_states(folder) if r["job_id"] and r["state"].live]
+    slurm = sorted({r["job_id"] for r in live if r["executor"] == "slurm"})
+    here = socket.gethostname()
+    local, elsewhere, unreachable = [], {}, []
+    for job_id in sorted({r["job_id"] for r in live if r["executor"] != "slurm"}):
+        hosts = {r["host"] for r in live if r["job_id"] == job_id}
+        if hosts - {here, None}:
+            elsewhere.update({r["run_id"]: r["host"] for r in live if r["job_id"] == job_id})
+        elif stop_local_job(job_id, (folder / LOG_DIR).absolute()):
+            local.append(job_id)
+        else:
+            unreachable.append(job_id)
+    if slurm:
+        try:
+            cancel_jobs(slurm)
+        except OSError as e:  # no scancel on this machine
+            raise LaunchError(f"cannot cancel SLURM job(s) {', '.join(slurm)} from here: {e}") from None
+    return Cancelled(slurm, local, elsewhere, unreachable)

@@ -145,3 +145,32 @@ def run_local(
                 job.cancel(check=False)
         raise
     return states
+
+
+def stop_local_job(job_id: str, log_folder: Path) -> bool:
+    """Ask a local job of this machine to stop, as SLURM's scancel asks a SLURM job: SIGTERM to its
+    submitit controller (the job id is its process id), which hands it to the job's tasks; each run
+    checkpoints at its next iteration and stops, so the same sweep again resumes it. Only a process
+    that is that controller, for that log folder, is signalled (a pid can be reused); returns whether
+    one was."""
+    import signal
+
+    if not job_id.isdigit():
+        return False
+    pid = int(job_id)
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        command = [a.decode(errors="replace") for a in argv if a]
+    except OSError:  # no /proc (macOS), or no such process
+        try:
+            out = subprocess.run(["ps", "-p", str(pid), "-o", "command="], capture_output=True, text=True)
+        except OSError:
+            return False
+        command = out.stdout.split()
+    if "submitit.local._local" not in command or str(log_folder) not in command:
+        return False
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return False
+    return True

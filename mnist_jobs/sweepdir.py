@@ -145,8 +145,14 @@ def list_sweeps(results_dir: Path) -> list[Path]:
     return sorted(p.parent for p in results_dir.glob(f"*/{MANIFEST}"))
 
 
+def run_executor(manifest: dict[str, Any], info: dict[str, Any]) -> str | None:
+    """Where a run was last sent: 'slurm', 'local' or 'debug' (its own entry; a manifest written
+    before runs recorded it has one for the whole sweep)."""
+    return info.get("executor") or manifest.get("executor")
+
+
 def plan_runs(
-    folder: Path, run_ids: list[str], *, retry_failed: bool, force: bool, executor: str
+    folder: Path, run_ids: list[str], *, retry_failed: bool, force: bool
 ) -> tuple[list[str], dict[str, list[str]]]:
     """Which runs to submit, and the skipped ones by reason ('completed', 'failed', 'queued', 'running':
     training right now in another process, e.g. a concurrent `sweep` into the same folder)."""
@@ -165,10 +171,15 @@ def plan_runs(
             skipped["failed"].append(run_id)
         else:
             candidates.append(run_id)
-    if executor == "slurm":
+    recorded = manifest["runs"]
+    jobs = {
+        r: recorded[r].get("job_id")
+        for r in candidates
+        if r in recorded and run_executor(manifest, recorded[r]) == "slurm"
+    }  # (whatever executor this sweep uses: a run still queued on SLURM is not sent again)
+    if any(jobs.values()):
         from .slurm import TERMINAL, scheduler_states
 
-        jobs = {r: manifest["runs"].get(r, {}).get("job_id") for r in candidates}
         states = scheduler_states([j for j in jobs.values() if j]) or {}
         for run_id, job_id in jobs.items():
             if job_id and states.get(job_id, "GONE") not in TERMINAL | {"GONE", "UNKNOWN"}:
@@ -255,8 +266,9 @@ def run_states(folder: Path) -> list[dict[str, Any]]:
     sched, histories = None, {}
     from .slurm import attempts_note, job_histories, scheduler_states
 
-    if manifest.get("executor") == "slurm":
-        job_ids = [r.get("job_id") for r in runs.values() if r.get("job_id")]
+    on_slurm = {r for r, info in runs.items() if run_executor(manifest, info) == "slurm"}
+    if on_slurm:  # (a folder may hold runs of local and SLURM sweeps: only SLURM's are asked about)
+        job_ids = [runs[r].get("job_id") for r in on_slurm if runs[r].get("job_id")]
         sched = scheduler_states(job_ids)
         if sched is not None:
             histories = job_histories(job_ids)  # requeues (node failure, preemption) seen by SLURM
@@ -266,11 +278,13 @@ def run_states(folder: Path) -> list[dict[str, Any]]:
         status, data = result_status(folder, run_id)
         no_result = status is None  # (as `sweep` sees it: plan_runs)
         job_id = info.get("job_id")
-        state = (sched or {}).get(job_id) if job_id else None
+        slurm = run_id in on_slurm
+        state = (sched or {}).get(job_id) if job_id and slurm else None
         # A result older than the run's latest submission (--retry-failed, --force) is history: the
         # new job's state counts, even before sacct lists it.
         stale = (
-            sched is not None
+            slurm
+            and sched is not None
             and data is not None
             and (info.get("submitted_at") or "") > (data.get("finished_at") or "~")
         )
@@ -287,9 +301,9 @@ def run_states(folder: Path) -> list[dict[str, Any]]:
             shown = RunState.RUNNING
         elif stale:
             shown = RunState.PENDING  # submitted a moment ago, not in sacct yet
-        elif sched is None and manifest.get("executor") == "slurm":
+        elif sched is None and slurm:
             shown = RunState.UNKNOWN
-        elif manifest.get("executor") == "slurm" and state != "GONE":
+        elif slurm and state != "GONE":
             shown = RunState.PENDING
         else:
             shown = RunState.MISSING
@@ -299,6 +313,8 @@ def run_states(folder: Path) -> list[dict[str, Any]]:
                 "run_id": run_id,
                 "config": info.get("config", {}),
                 "job_id": job_id,
+                "executor": run_executor(manifest, info),
+                "host": info.get("host"),  # a local run's: where its job id (a process) lives
                 "state": shown,
                 "test_accuracy": acc,
                 "error": (data or {}).get("error", {}) and data["error"].get("message"),

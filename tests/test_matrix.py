@@ -132,7 +132,8 @@ def workers(folder: Path) -> list[int]:
 
 def interrupt(case: str, results: Path, how: str) -> int:
     """Start the sweep, wait for a periodic checkpoint newer than any on disk, signal every task of
-    its job; return the iteration the checkpoint on disk then holds."""
+    its job (`how`: sigterm, sigkill, or cancel: `mnist-jobs cancel`); return the iteration the
+    checkpoint on disk then holds."""
     folder = results / "m"
     before = {p: p.stat().st_mtime_ns for p in folder.glob(f"*{SUFFIX}")}
     proc = subprocess.Popen(
@@ -159,7 +160,10 @@ def interrupt(case: str, results: Path, how: str) -> int:
             time.sleep(0.01)
         pids = workers(folder)
         assert len(pids) == CASES[case][3], pids
-        for pid in pids:
+        if how == "cancel":  # what a user types in another terminal: SIGTERM through the job's controller
+            said = CliRunner().invoke(app, ["cancel", "m", "--results-dir", str(results)])
+            assert said.exit_code == 0 and said.output.startswith("stopped 1 local job(s)"), said.output
+        for pid in pids if how != "cancel" else ():
             os.kill(pid, signal.SIGTERM if how == "sigterm" else signal.SIGKILL)
         out = proc.communicate(timeout=120)[0]
     finally:
@@ -275,3 +279,24 @@ def test_a_killed_pack_resumes_whole_carrying_a_run_completed_elsewhere(tmp_path
     assert not list(folder.glob(f"*{SUFFIX}"))
     if where == "planner":
         assert read_manifest(folder)["runs"][b]["packed_with"] == []  # still its own lone sweep's
+
+
+@pytest.mark.parametrize("case", ["logreg-lone", "logreg-ddp2"])
+def test_cancel_stops_a_local_sweep_with_a_checkpoint_and_the_sweep_again_resumes(
+    tmp_path, case, uninterrupted
+):
+    """`mnist-jobs cancel` on a sweep running on this machine (in another terminal): SIGTERM to its
+    local job's controller, which hands it to every task (both DDP ranks); the run checkpoints and
+    stops, writes no result, and the same sweep again resumes it, bit for bit the uninterrupted run."""
+    stopped_at = interrupt(case, tmp_path, "cancel")
+    assert 0 < stopped_at < CASES[case][0]["iters"]
+    status = CliRunner().invoke(app, ["status", "m", "--results-dir", str(tmp_path)])
+    assert "1 run(s) stopped with a checkpoint" in status.output, status.output
+    again = CliRunner().invoke(app, ["cancel", "m", "--results-dir", str(tmp_path)])
+    assert again.output.strip() == "nothing to cancel in m", again.output
+    done = run_sweep(case, tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    [rec] = results_of(tmp_path / "m").values()
+    [ref] = uninterrupted(case).values()
+    assert rec["checkpointing"]["resumed_from_iteration"] == stopped_at
+    assert rec["metrics"]["history"] == ref["metrics"]["history"]

@@ -115,6 +115,33 @@ def test_cancel_a_long_job(cluster, results):
     assert "nothing to cancel" in out.output
 
 
+def test_a_folder_with_slurm_and_local_runs_treats_each_run_by_its_own_executor(cluster, results):
+    """A SLURM sweep, then a local sweep into the same folder (debugging on the login node): each run's
+    manifest entry says where it went. The local sweep does not train the run still queued on SLURM,
+    status asks SLURM about that run alone (PENDING, not MISSING), and cancel scancels it alone."""
+    common = ["sweep", *FAST, "--name", "mixed", "--results-dir", str(results)]
+    queued = runner.invoke(
+        app, [*common, "--lr", "0.01", "--partition", "gpu", "--slurm-opt", "begin=now+1hour"]
+    )
+    assert queued.exit_code == 0, queued.output
+    folder = results / "mixed"
+    [(slurm_run, info)] = read_manifest(folder)["runs"].items()
+    assert info["executor"] == "slurm" and "host" not in info
+    here = runner.invoke(app, [*common, "--lr", "0.01,0.02"])  # no SLURM option: on this machine
+    assert here.exit_code == 0, here.output
+    assert "1 run(s) already queued: skipped" in here.output and "running 1 run(s) here" in here.output
+    runs = read_manifest(folder)["runs"]
+    [local_run] = set(runs) - {slurm_run}
+    assert runs[local_run]["executor"] == "local" and runs[local_run]["host"]
+    assert runs[slurm_run]["job_id"] == info["job_id"]  # untouched by the local sweep
+    states = {r["run_id"]: str(r["state"]) for r in run_states(folder)}
+    assert states == {slurm_run: "PENDING", local_run: "COMPLETED"}, states
+    out = runner.invoke(app, ["cancel", "mixed", "--results-dir", str(results)])
+    assert out.exit_code == 0 and out.output.strip() == f"cancelled 1 job(s): {info['job_id']}", out.output
+    wait_sacct(info["job_id"], "CANCELLED")
+    assert not (folder / f"{slurm_run}.json").exists()
+
+
 def test_grid_larger_than_max_array_size_is_split(cluster, results):
     limit = max_array_size()
     assert limit and limit < 10, "the test cluster sets a small MaxArraySize"
