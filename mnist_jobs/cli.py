@@ -751,7 +751,7 @@ def status(
                 continue
             table.add_row(
                 folder.name,
-                m.get("executor", "?"),
+                "+".join(sorted({r["executor"] or "?" for r in rows})) or m.get("executor", "?"),
                 str(len(rows)),
                 str(sum(r["state"] == "COMPLETED" for r in rows)),
                 str(sum(r["state"] == "FAILED" for r in rows)),

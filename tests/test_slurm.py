@@ -136,6 +136,8 @@ def test_a_folder_with_slurm_and_local_runs_treats_each_run_by_its_own_executor(
     assert runs[slurm_run]["job_id"] == info["job_id"]  # untouched by the local sweep
     states = {r["run_id"]: str(r["state"]) for r in run_states(folder)}
     assert states == {slurm_run: "PENDING", local_run: "COMPLETED"}, states
+    listed = runner.invoke(app, ["status", "--results-dir", str(results)], env={"COLUMNS": "200"})
+    assert "local+slurm" in listed.output, listed.output  # the sweeps list: its executors
     out = runner.invoke(app, ["cancel", "mixed", "--results-dir", str(results)])
     assert out.exit_code == 0 and out.output.strip() == f"cancelled 1 job(s): {info['job_id']}", out.output
     wait_sacct(info["job_id"], "CANCELLED")
