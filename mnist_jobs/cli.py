@@ -550,6 +550,7 @@ def _run_here(console, plan, tasks, groups) -> None:
 
     from .job import COMPLETED_ELSEWHERE, RUNNING_ELSEWHERE
     from .launch import local_parallel, run_here
+    from .sweepdir import run_states
 
     parallel = local_parallel(plan.options)
     n_runs = sum(len(g) for g in groups)
@@ -592,7 +593,13 @@ def _run_here(console, plan, tasks, groups) -> None:
             states, accs = zip(*outcome.values())
             bar.update(t, completed=len(outcome), counts=_run_counts(list(states), list(accs)))
 
-        states = run_here(plan, tasks, groups, on_event)
+        try:
+            states = run_here(plan, tasks, groups, on_event)
+        except KeyboardInterrupt:  # Ctrl-C: the jobs checkpointed and stopped (local.run_local)
+            bar.stop()
+            console.print("interrupted")
+            _print_resumable(run_states(plan.folder))
+            raise typer.Exit(130) from None
     failed = sum(s != "COMPLETED" for s in states)
     # a task can complete with a failed run in it (a pack where one model diverged)
     failed_runs = [r for g in groups for r in g if (_result(plan.folder, r)[0] or "failed") == "failed"]

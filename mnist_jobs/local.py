@@ -109,7 +109,8 @@ def run_local(
             task.threads = cpu_threads
         if tasks_per_node > 1 and task.master_port is None:
             task.master_port = free_port()
-        job = ex.submit(task)
+        with _sigint_ignored_by_children():
+            job = ex.submit(task)
         for j in (job, *job._sub_jobs):
             # A local job's result is on this disk before its process exits, so there is no network
             # filesystem to wait for: without this, submitit waits 15 s (twice: our state check, then
@@ -140,11 +141,42 @@ def run_local(
                     if on_event:
                         on_event("finished", i, job)
     except BaseException:
+        # Ctrl-C (the tasks had it too) or an error here: every job is told to stop (SIGTERM to its
+        # controller, handed to its tasks: each run checkpoints and exits), and given a moment to
         for job, _ in running.values():
-            with contextlib.suppress(Exception):
-                job.cancel(check=False)
+            stop_local_job(str(job.job_id), folder.absolute())
+        deadline = time.monotonic() + (STOP_GRACE_S if executor_kind != "debug" else 0)
+        while any(not job.done() for job, _ in running.values()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for job, _ in running.values():
+            if not job.done():
+                with contextlib.suppress(Exception):
+                    job.cancel(check=False)
         raise
     return states
+
+
+STOP_GRACE_S = 30.0  # how long an interrupted local sweep waits for its jobs to checkpoint and stop
+
+
+@contextlib.contextmanager
+def _sigint_ignored_by_children():
+    """Start a job with SIGINT ignored, which its processes inherit: the terminal's Ctrl-C reaches
+    the whole foreground process group, and submitit's controller would answer it by killing the
+    tasks a second later, mid-checkpoint. The controller ignores it, then; each task listens again
+    once it trains (job.TrainTask: it checkpoints and stops), and the sweep tells the controllers to
+    stop with SIGTERM, which they hand to their tasks."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def stop_local_job(job_id: str, log_folder: Path) -> bool:

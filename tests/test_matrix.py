@@ -143,6 +143,7 @@ def interrupt(case: str, results: Path, how: str) -> int:
         text=True,
         cwd=REPO,
         env={**os.environ, "COLUMNS": "200"},
+        start_new_session=True,  # its own process group, as a terminal's foreground job
     )
 
     def fresh() -> bool:
@@ -163,15 +164,27 @@ def interrupt(case: str, results: Path, how: str) -> int:
         if how == "cancel":  # what a user types in another terminal: SIGTERM through the job's controller
             said = CliRunner().invoke(app, ["cancel", "m", "--results-dir", str(results)])
             assert said.exit_code == 0 and said.output.startswith("stopped 1 local job(s)"), said.output
-        for pid in pids if how != "cancel" else ():
-            os.kill(pid, signal.SIGTERM if how == "sigterm" else signal.SIGKILL)
+        elif how == "ctrl-c":  # the terminal's SIGINT, to the whole foreground process group
+            os.killpg(proc.pid, signal.SIGINT)
+        else:
+            for pid in pids:
+                os.kill(pid, signal.SIGTERM if how == "sigterm" else signal.SIGKILL)
         out = proc.communicate(timeout=120)[0]
     finally:
         proc.kill()
-    assert proc.returncode == 1, out  # the task failed: stopped (SIGTERM) or killed
+    if how == "ctrl-c":  # the sweep says what became of its runs, and exits as interrupted
+        assert proc.returncode == 130, out
+        n = len(configs(case))
+        assert f"interrupted\n{n} run(s) stopped with a checkpoint: the same" in out, out
+    else:
+        assert proc.returncode == 1, out  # the task failed: stopped (SIGTERM) or killed
     assert not results_of(folder), "a stopped or killed run wrote a result"
     [ck] = folder.glob(f"*{SUFFIX}")
-    return torch.load(ck, weights_only=True)["loop"]["iteration"]
+    it = torch.load(ck, weights_only=True)["loop"]["iteration"]
+    if how != "sigkill":  # stopped, not killed: it checkpointed where it stopped, and said so
+        log = "".join(q.read_text() for q in (folder / "logs").glob("*_log.out"))
+        assert f"stopping at iteration {it}: checkpoint written" in log, log[-2000:]
+    return it
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -281,22 +294,34 @@ def test_a_killed_pack_resumes_whole_carrying_a_run_completed_elsewhere(tmp_path
         assert read_manifest(folder)["runs"][b]["packed_with"] == []  # still its own lone sweep's
 
 
-@pytest.mark.parametrize("case", ["logreg-lone", "logreg-ddp2"])
-def test_cancel_stops_a_local_sweep_with_a_checkpoint_and_the_sweep_again_resumes(
-    tmp_path, case, uninterrupted
+@pytest.mark.parametrize(
+    ("how", "case"),
+    [
+        ("cancel", "logreg-lone"),
+        ("cancel", "logreg-ddp2"),
+        ("ctrl-c", "logreg-pack3"),
+        ("ctrl-c", "logreg-ddp2"),
+    ],
+)
+def test_a_local_sweep_stopped_by_its_user_checkpoints_and_the_sweep_again_resumes(
+    tmp_path, how, case, uninterrupted
 ):
-    """`mnist-jobs cancel` on a sweep running on this machine (in another terminal): SIGTERM to its
-    local job's controller, which hands it to every task (both DDP ranks); the run checkpoints and
-    stops, writes no result, and the same sweep again resumes it, bit for bit the uninterrupted run."""
-    stopped_at = interrupt(case, tmp_path, "cancel")
+    """A user stops a sweep running on this machine: `mnist-jobs cancel` in another terminal (SIGTERM
+    to the local job's controller, which hands it to every task, both DDP ranks), or Ctrl-C in its own
+    (SIGINT to the process group: the tasks take it, submitit's controller ignores it rather than
+    kill them mid-checkpoint). Every run checkpoints and stops, writes no result (not a failed one),
+    and the same sweep again resumes it, bit for bit the uninterrupted run."""
+    stopped_at = interrupt(case, tmp_path, how)
     assert 0 < stopped_at < CASES[case][0]["iters"]
+    n = len(configs(case))
     status = CliRunner().invoke(app, ["status", "m", "--results-dir", str(tmp_path)])
-    assert "1 run(s) stopped with a checkpoint" in status.output, status.output
+    assert f"{n} run(s) stopped with a checkpoint" in status.output, status.output
     again = CliRunner().invoke(app, ["cancel", "m", "--results-dir", str(tmp_path)])
     assert again.output.strip() == "nothing to cancel in m", again.output
     done = run_sweep(case, tmp_path)
     assert done.returncode == 0, done.stdout + done.stderr
-    [rec] = results_of(tmp_path / "m").values()
-    [ref] = uninterrupted(case).values()
-    assert rec["checkpointing"]["resumed_from_iteration"] == stopped_at
-    assert rec["metrics"]["history"] == ref["metrics"]["history"]
+    got, ref = results_of(tmp_path / "m"), uninterrupted(case)
+    assert sorted(got) == sorted(ref)
+    for run_id, rec in got.items():
+        assert rec["checkpointing"]["resumed_from_iteration"] == stopped_at
+        assert rec["metrics"]["history"] == ref[run_id]["metrics"]["history"]
