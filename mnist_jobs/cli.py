@@ -315,6 +315,13 @@ def _run_local(config: TrainConfig, data_dir: Path | None, results_dir: Path) ->
         except Exception as e:  # the failed record is already written
             bar.stop()
             fail(f"training failed: {type(e).__name__}: {e} (record in {results_dir})", code=1)
+        except KeyboardInterrupt:  # Ctrl-C: its record says so (failed, KeyboardInterrupt)
+            bar.stop()
+            fail(
+                f"interrupted: the run's record (failed, KeyboardInterrupt) is in {results_dir}; a run in "
+                "the foreground is not resumed (a sweep's runs are)",
+                code=130,
+            )
     m, t = result["metrics"], result["timings"]
     typer.echo(
         f"test accuracy {m['test_accuracy']:.2f}%  (test loss {m['test_loss']:.4f}, "

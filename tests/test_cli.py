@@ -80,3 +80,33 @@ def test_missing_cuda_is_exit_2(tmp_path):
         pytest.skip("machine has CUDA")
     res = runner.invoke(app, ["train", "--device", "cuda", "--results-dir", str(tmp_path)])
     assert res.exit_code == 2 and "CUDA is not available" in res.output
+
+
+def test_ctrl_c_in_a_foreground_train_is_one_line_and_a_record(tmp_path):
+    """Ctrl-C in `mnist-jobs train` (SIGINT to its process group): exit 130 with one line, no
+    traceback, and the run's record says what happened (failed, KeyboardInterrupt)."""
+    import os
+    import signal
+    import time
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mnist_jobs", "train", "--iters", "1000000", "--device", "cpu",
+         "--results-dir", str(tmp_path)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        env={k: v for k, v in os.environ.items() if k != "MNIST_JOBS_TENSORBOARD"},  # (logs: on)
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "tb").exists():  # its TensorBoard folder: the loop has started
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, (out, err)
+    errors = [ln for ln in err.splitlines() if ln.startswith("Error:")]
+    assert len(errors) == 1 and errors[0].startswith("Error: interrupted: the run's record"), err
+    assert "Traceback" not in err + out
+    [record] = [json.loads(p.read_text()) for p in tmp_path.glob("*.json")]
+    assert record["status"] == "failed" and record["error"]["type"] == "KeyboardInterrupt"
