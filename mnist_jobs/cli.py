@@ -632,13 +632,20 @@ def _follow(console, folder: Path, interval_s: float = 2.0) -> None:
 
     from .sweepdir import run_states
 
-    with Live(console=console, refresh_per_second=2) as live:
-        while True:
-            rows = run_states(folder)
-            live.update(Group(_status_table(folder.name, rows), _runs_bar(rows)))
-            if all(r["state"].done for r in rows):
-                break
-            time.sleep(interval_s)
+    try:
+        with Live(console=console, refresh_per_second=2) as live:
+            while True:
+                rows = run_states(folder)
+                live.update(Group(_status_table(folder.name, rows), _runs_bar(rows)))
+                if all(r["state"].done for r in rows):
+                    break
+                time.sleep(interval_s)
+    except KeyboardInterrupt:  # Ctrl-C stops the following, not the jobs
+        typer.echo(
+            f"stopped following {folder.name}: its jobs go on (`mnist-jobs status {folder.name}`; "
+            f"`mnist-jobs cancel {folder.name}` stops them)"
+        )
+        raise typer.Exit(130) from None
     if not console.is_terminal:
         console.line()  # (Live ends a file's last render without one)
     _print_resumable(rows)

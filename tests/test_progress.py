@@ -81,3 +81,43 @@ def test_status_wait_counts_the_runs_of_a_packed_slurm_sweep(cluster, results):
     [(done, total, counts)] = bar_lines(waited.output)
     assert (done, total) == (4, 4), waited.output
     assert re.fullmatch(r"4 completed, 0 failed, best \d+\.\d\d%", counts), counts
+
+
+def test_ctrl_c_stops_following_a_sweep_not_its_jobs(tmp_path):
+    """`status --watch` of a sweep training in another terminal, then Ctrl-C: it stops following
+    (exit 130, one line that says how to look again or cancel), and the run trains on; `cancel` then
+    stops it."""
+    import contextlib
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from mnist_jobs.sweepdir import run_states
+
+    def start(*args: str) -> subprocess.Popen:
+        return subprocess.Popen(
+            [sys.executable, "-m", "mnist_jobs", *args, "--results-dir", str(tmp_path)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        )  # fmt: skip
+
+    sweep = start("sweep", "--iters", "2000000", "--eval-every", "1000000", "--device", "cpu", "--name", "w")
+    try:
+        deadline = time.monotonic() + 120
+        while not ((tmp_path / "w" / "sweep.json").exists() and run_states(tmp_path / "w")[0]["state"].live):
+            assert sweep.poll() is None and time.monotonic() < deadline, sweep.communicate()
+            time.sleep(0.1)
+        watch = start("status", "w", "--watch")
+        time.sleep(3)  # (python start-up, then the first refresh)
+        os.killpg(watch.pid, signal.SIGINT)
+        out = watch.communicate(timeout=60)[0]
+        assert watch.returncode == 130, out
+        assert "stopped following w: its jobs go on" in out and "Traceback" not in out, out
+        assert sweep.poll() is None and str(run_states(tmp_path / "w")[0]["state"]) == "RUNNING"
+        said = CliRunner().invoke(app, ["cancel", "w", "--results-dir", str(tmp_path)])
+        assert said.output.startswith("stopped 1 local job(s)"), said.output
+        assert sweep.wait(timeout=120) == 1
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(sweep.pid, signal.SIGKILL)
