@@ -39,16 +39,16 @@ class TrainTask(Checkpointable):
     next iteration boundary, then submitit calls `checkpoint()` and requeues the job, which resumes from
     that checkpoint (at most `max_requeues` times). On SIGTERM (scancel, `scontrol requeue`, preemption
     without a user signal) it checkpoints and exits; whatever SLURM starts again resumes likewise. On
-    SIGINT (Ctrl-C in a local sweep's terminal, `mnist-jobs cancel` of it) the same: the sweep again
-    resumes it.
+    SIGINT (Ctrl-C in a local sweep's terminal) the same: the sweep again resumes it.
     Each run is claimed (a lock held while it trains, see claims.claim_run), so two sweeps sharing a
     folder never train the same run at once, and a run completed elsewhere meanwhile is not trained
     again. In a DDP job rank 0 claims, and the other ranks train exactly what it admitted.
 
     A pack whose checkpoint is on disk resumes whole even when some of its runs are not this task's
-    to write (`carried`: the planner's, completed or training elsewhere since it was checkpointed; or
-    found so when claiming): those are trained along from the checkpoint and never written, claimed
-    or logged, so the others continue instead of restarting in a smaller pack.
+    to write: those with a result, or claimed by another process, when the job starts (`carried`
+    names the runs the planner found so; one of them with neither by now is trained and written as
+    the others). They are trained along from the checkpoint and never written or logged, so the
+    others continue instead of restarting in a smaller pack.
     """
 
     configs: list[dict[str, Any]]
@@ -63,7 +63,7 @@ class TrainTask(Checkpointable):
     requeues: int = 0  # requeues submitit made (checkpoint() counts them); SLURM_RESTART_COUNT too
     skip_completed: bool = True  # False with --force
     fresh: bool = False  # --force: the first attempt drops the runs' checkpoints (requeued ones resume)
-    carried: list[str] = field(default_factory=list)  # runs of the pack trained along, never written
+    carried: list[str] = field(default_factory=list)  # runs the planner found done or taken elsewhere
 
     def __call__(self) -> list[dict[str, Any]]:
         import torch
@@ -95,10 +95,12 @@ class TrainTask(Checkpointable):
         folder = Path(self.results_dir)
         todo, skipped = [], []
         for i, run_id in enumerate(self.run_ids):
-            if run_id in self.carried:  # not this task's run: another job, or result, has it
-                continue
+            carried = run_id in self.carried  # (the planner's: not the sweep's to do when it planned)
+            if carried and result_status(folder, run_id)[0] is not None:
+                continue  # its result (completed, or failed and not retried) stays as it is
             if not claims.enter_context(claim_run(folder, run_id)):
-                skipped.append({"run_id": run_id, "status": RUNNING_ELSEWHERE, "test_accuracy": None})
+                if not carried:
+                    skipped.append({"run_id": run_id, "status": RUNNING_ELSEWHERE, "test_accuracy": None})
                 continue
             status, data = result_status(folder, run_id)
             if status == "completed" and self.skip_completed:

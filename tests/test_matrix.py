@@ -294,6 +294,32 @@ def test_a_killed_pack_resumes_whole_carrying_a_run_completed_elsewhere(tmp_path
         assert read_manifest(folder)["runs"][b]["packed_with"] == []  # still its own lone sweep's
 
 
+def test_a_run_the_planner_carried_but_free_when_the_job_starts_is_trained_and_written(
+    tmp_path, uninterrupted
+):
+    """The planner carried a run of a checkpointed pack (it was training elsewhere, or queued), but by
+    the time the job starts it has no result and no one holds it: the job claims it and writes it like
+    the others, all three resumed from the pack's checkpoint, bit for bit the uninterrupted pack."""
+    from mnist_jobs.job import TrainTask
+
+    case = "logreg-pack3"
+    killed_at = interrupt(case, tmp_path, "sigkill")
+    run_ids = [sweep_run_id(cfg) for cfg in configs(case)]
+    task = TrainTask(
+        configs=[cfg.to_dict() for cfg in configs(case)],
+        run_ids=run_ids,
+        results_dir=str(tmp_path / "m"),
+        threads=os.cpu_count(),
+        carried=[run_ids[1]],
+    )
+    assert {o["run_id"]: o["status"] for o in task()} == dict.fromkeys(run_ids, "completed")
+    got, ref = results_of(tmp_path / "m"), uninterrupted(case)
+    assert sorted(got) == sorted(ref)
+    for run_id, rec in got.items():
+        assert rec["checkpointing"]["resumed_from_iteration"] == killed_at
+        assert rec["metrics"]["history"] == ref[run_id]["metrics"]["history"]
+
+
 @pytest.mark.parametrize(
     ("how", "case"),
     [
