@@ -858,9 +858,11 @@ def cancel(
         done = cancel_sweep(folder)
     except (ManifestError, LaunchError) as e:
         fail(str(e))
-    if not (done.slurm or done.local or done.elsewhere or done.unreachable):
+    if not (done.slurm or done.local or done.elsewhere or done.unreachable or done.sweeps):
         typer.echo(f"nothing to cancel in {name}")
         return
+    if done.sweeps:
+        typer.echo(f"interrupted the sweep process(es) {', '.join(done.sweeps)} here: no more runs start")
     if done.slurm:
         typer.echo(f"cancelled {len(done.slurm)} job(s): {', '.join(done.slurm)}")
     if done.local:

@@ -387,10 +387,13 @@ def _runs_info(
     """The manifest's entry for each run a task trains for the sweep (not for a run it carries: that
     one's entry stays its own job's); `packed_with` is the whole pack, in its order, carried runs too.
     `executor` is the run's own (one folder may hold runs of local and SLURM sweeps); a local run's
-    `host` is where its job id, a process, lives (`cancel` stops it there)."""
-    where = {"executor": plan.executor}
+    `host` is where its job id, a process, lives, and `sweep_process` the sweep that runs it there
+    (`cancel` stops both)."""
+    where: dict[str, Any] = {"executor": plan.executor}
     if plan.executor != "slurm":
-        where["host"] = socket.gethostname()
+        from .local import process_identity
+
+        where.update(host=socket.gethostname(), sweep_process=process_identity())
     return {
         r: {
             "config": plan.config(r).to_dict(),
@@ -479,25 +482,35 @@ def local_parallel(opts: SweepOptions) -> int:
 class Cancelled:
     """What `cancel_sweep` did: SLURM jobs cancelled, local jobs told to stop, and the live runs it
     could not reach (`elsewhere`: run id -> the host whose process trains it; `unreachable`: a local
-    job id with no such job on this machine any more)."""
+    job id with no such job on this machine any more); `sweeps`: the local sweep processes told to
+    start no more runs (pids)."""
 
     slurm: list[str]
     local: list[str]
     elsewhere: dict[str, str]
     unreachable: list[str]
+    sweeps: list[str]
 
 
 def cancel_sweep(folder: Path) -> Cancelled:
     """Cancel every queued or running run of the sweep, each through its own backend: scancel for the
     SLURM ones; for local ones on this machine, SIGTERM to the job (local.stop_local_job: it
-    checkpoints and stops, and the same sweep again resumes it). A folder may hold both."""
-    from .local import stop_local_job
+    checkpoints and stops, and the same sweep again resumes it), and SIGINT to the sweep process that
+    runs them, so it starts none of the runs still waiting for a slot. A folder may hold both."""
+    from .local import stop_local_job, stop_local_sweep
     from .slurm import cancel_jobs
     from .sweepdir import run_states
 
-    live = [r for r in run_states(folder) if r["job_id"] and r["state"].live]
-    slurm = sorted({r["job_id"] for r in live if r["executor"] == "slurm"})
+    rows = run_states(folder)
     here = socket.gethostname()
+    waiting = [  # local runs without a result, on this machine: a sweep process may still start them
+        r for r in rows if r["executor"] != "slurm" and r["host"] in (here, None) and r["sweep_process"]
+        and (r["state"].live or r["state"] == "MISSING")
+    ]  # fmt: skip
+    sweeps = sorted({r["sweep_process"] for r in waiting})
+    sweeps = [s.split("@", 1)[0] for s in sweeps if stop_local_sweep(s)]
+    live = [r for r in rows if r["job_id"] and r["state"].live]
+    slurm = sorted({r["job_id"] for r in live if r["executor"] == "slurm"})
     local, elsewhere, unreachable = [], {}, []
     for job_id in sorted({r["job_id"] for r in live if r["executor"] != "slurm"}):
         hosts = {r["host"] for r in live if r["job_id"] == job_id}
@@ -512,4 +525,4 @@ def cancel_sweep(folder: Path) -> Cancelled:
             cancel_jobs(slurm)
         except OSError as e:  # no scancel on this machine
             raise LaunchError(f"cannot cancel SLURM job(s) {', '.join(slurm)} from here: {e}") from None
-    return Cancelled(slurm, local, elsewhere, unreachable)
+    return Cancelled(slurm, local, elsewhere, unreachable, sweeps)

@@ -187,22 +187,58 @@ def stop_local_job(job_id: str, log_folder: Path) -> bool:
     one was."""
     import signal
 
-    if not job_id.isdigit():
-        return False
-    pid = int(job_id)
-    try:
-        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        command = [a.decode(errors="replace") for a in argv if a]
-    except OSError:  # no /proc (macOS), or no such process
-        try:
-            out = subprocess.run(["ps", "-p", str(pid), "-o", "command="], capture_output=True, text=True)
-        except OSError:
-            return False
-        command = out.stdout.split()
+    command = _command_of(job_id)
     if "submitit.local._local" not in command or str(log_folder) not in command:
         return False
+    return _signal(int(job_id), signal.SIGTERM)
+
+
+def process_identity(pid: int | None = None) -> str | None:
+    """This process's (or `pid`'s) identity on this machine: its pid and start time, which a reused
+    pid does not share; None when there is no such process."""
+    pid = os.getpid() if pid is None else pid
+    try:  # Linux: the start time in clock ticks since boot (/proc/<pid>/stat, field 22)
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return f"{pid}@{stat.rsplit(')', 1)[1].split()[19]}"
+    except (OSError, IndexError):
+        pass
     try:
-        os.kill(pid, signal.SIGTERM)
-    except ProcessLookupError:
+        out = subprocess.run(["ps", "-p", str(pid), "-o", "lstart="], capture_output=True, text=True)
+    except OSError:
+        return None
+    return f"{pid}@{out.stdout.strip()}" if out.returncode == 0 and out.stdout.strip() else None
+
+
+def stop_local_sweep(identity: str) -> bool:
+    """Interrupt the `mnist-jobs sweep` process of this machine that `identity` (process_identity)
+    names, as Ctrl-C in its terminal would: it starts no more runs, tells its jobs to stop (each
+    checkpoints) and exits. Returns whether it was signalled (False: it is gone)."""
+    import signal
+
+    pid = identity.split("@", 1)[0]
+    if not pid.isdigit() or process_identity(int(pid)) != identity:
+        return False
+    return _signal(int(pid), signal.SIGINT)
+
+
+def _command_of(pid: str) -> list[str]:
+    """A process's command line (argv), or [] when there is no such process."""
+    if not pid.isdigit():
+        return []
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        return [a.decode(errors="replace") for a in argv if a]
+    except OSError:  # no /proc (macOS), or no such process
+        try:
+            out = subprocess.run(["ps", "-p", pid, "-o", "command="], capture_output=True, text=True)
+        except OSError:
+            return []
+        return out.stdout.split()
+
+
+def _signal(pid: int, signum: int) -> bool:
+    try:
+        os.kill(pid, signum)
+    except (ProcessLookupError, PermissionError):
         return False
     return True

@@ -315,6 +315,7 @@ def run_states(folder: Path) -> list[dict[str, Any]]:
                 "job_id": job_id,
                 "executor": run_executor(manifest, info),
                 "host": info.get("host"),  # a local run's: where its job id (a process) lives
+                "sweep_process": info.get("sweep_process"),  # ... and the sweep that runs it there
                 "state": shown,
                 "test_accuracy": acc,
                 "error": (data or {}).get("error", {}) and data["error"].get("message"),

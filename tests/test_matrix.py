@@ -163,7 +163,8 @@ def interrupt(case: str, results: Path, how: str) -> int:
         assert len(pids) == CASES[case][3], pids
         if how == "cancel":  # what a user types in another terminal: SIGTERM through the job's controller
             said = CliRunner().invoke(app, ["cancel", "m", "--results-dir", str(results)])
-            assert said.exit_code == 0 and said.output.startswith("stopped 1 local job(s)"), said.output
+            assert said.exit_code == 0 and "\nstopped 1 local job(s)" in said.output, said.output
+            assert said.output.startswith(f"interrupted the sweep process(es) {proc.pid} here"), said.output
         elif how == "ctrl-c":  # the terminal's SIGINT, to the whole foreground process group
             os.killpg(proc.pid, signal.SIGINT)
         else:
@@ -172,7 +173,7 @@ def interrupt(case: str, results: Path, how: str) -> int:
         out = proc.communicate(timeout=120)[0]
     finally:
         proc.kill()
-    if how == "ctrl-c":  # the sweep says what became of its runs, and exits as interrupted
+    if how in ("ctrl-c", "cancel"):  # the sweep says what became of its runs, and exits as interrupted
         assert proc.returncode == 130, out
         n = len(configs(case))
         assert f"interrupted\n{n} run(s) stopped with a checkpoint: the same" in out, out
@@ -351,3 +352,36 @@ def test_a_local_sweep_stopped_by_its_user_checkpoints_and_the_sweep_again_resum
     for run_id, rec in got.items():
         assert rec["checkpointing"]["resumed_from_iteration"] == stopped_at
         assert rec["metrics"]["history"] == ref[run_id]["metrics"]["history"]
+
+
+def test_cancel_of_a_local_sweep_also_stops_the_runs_still_waiting_for_a_slot(tmp_path):
+    """Two lone runs, one at a time: `cancel` while the first trains stops it (it checkpoints) and
+    interrupts the sweep process, so the second never starts; the sweep again resumes the first and
+    trains the second from scratch."""
+    grid = ["--lr", "0.05,0.1", "--iters", "8000", "--eval-every", "2000", "--momentum", "0.9"]
+    cmd = [sys.executable, "-m", "mnist_jobs", "sweep", *grid, "--device", "cpu", "--checkpoint-every", "500",
+           "--max-parallel", "1", "--name", "two", "--results-dir", str(tmp_path)]  # fmt: skip
+    folder = tmp_path / "two"
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
+                            start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not list(folder.glob(f"*{SUFFIX}")):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
+            time.sleep(0.01)
+        said = CliRunner().invoke(app, ["cancel", "two", "--results-dir", str(tmp_path)])
+        assert "interrupted the sweep process(es)" in said.output and "stopped 1 local job(s)" in said.output
+        out = proc.communicate(timeout=120)[0]
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and "interrupted\n1 run(s) stopped with a checkpoint" in out, out
+    assert len(list((folder / "logs").glob("*_submitted.pkl"))) == 1  # the second was never started
+    [ck] = folder.glob(f"*{SUFFIX}")
+    stopped = ck.name.removesuffix(SUFFIX)
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    recs = results_of(folder)
+    assert len(recs) == 2 and all(r["status"] == "completed" for r in recs.values())
+    assert recs[stopped]["checkpointing"]["resumed_from_iteration"] is not None
+    [other] = set(recs) - {stopped}
+    assert recs[other]["checkpointing"]["resumed_from_iteration"] is None
