@@ -446,8 +446,9 @@ def _launch(opts, *, dry_run: bool, wait: bool, name: str | None = None) -> None
     try:
         plan = launch.make_plan(opts, name=name)
         console.print(f"sweep [bold]{plan.name}[/]: {len(plan.configs)} run(s), executor {plan.executor}")
-        if dry_run:
-            _print_dry_run(console, plan, launch.dry_run(plan))
+        if dry_run:  # what the same command would submit now: the runs left to do, as it groups them
+            todo, skipped = plan.todo()
+            _print_dry_run(console, plan, launch.dry_run(plan, todo), skipped)
             return
         if plan.executor == "slurm" and str(opts.results_dir.resolve()).startswith("/tmp"):
             typer.echo(
@@ -456,11 +457,7 @@ def _launch(opts, *, dry_run: bool, wait: bool, name: str | None = None) -> None
             )
         launch.preflight(plan)
         todo, skipped = plan.todo()
-        for reason, ids in skipped.items():
-            if ids:
-                hint = " (--retry-failed to rerun)" if reason == "failed" else ""
-                where = " (in another process)" if reason == "running" else ""
-                console.print(f"  {len(ids)} run(s) already {reason}{where}: skipped{hint}")
+        _print_skipped(console, skipped)
         if not todo:
             console.print("nothing to submit")
             return
@@ -485,7 +482,15 @@ def _launch(opts, *, dry_run: bool, wait: bool, name: str | None = None) -> None
         _follow(console, plan.folder)
 
 
-def _print_dry_run(console, plan, dry) -> None:
+def _print_skipped(console, skipped: dict[str, list[str]]) -> None:
+    for reason, ids in skipped.items():
+        if ids:
+            hint = " (--retry-failed to rerun)" if reason == "failed" else ""
+            where = " (in another process)" if reason == "running" else ""
+            console.print(f"  {len(ids)} run(s) already {reason}{where}: skipped{hint}")
+
+
+def _print_dry_run(console, plan, dry, skipped: dict[str, list[str]]) -> None:
     from rich.table import Table
 
     swept = plan.swept or ["lr"]
@@ -509,13 +514,19 @@ def _print_dry_run(console, plan, dry) -> None:
     for rid, c in zip(plan.run_ids, plan.configs):
         table.add_row(rid, *(str(getattr(c, k)) for k in swept))
     console.print(table)
+    _print_skipped(console, skipped)
+    if not dry.groups:
+        console.print("nothing to submit")
+        console.print("dry run: nothing submitted")
+        return
     n_tasks = len(dry.groups)
-    _print_resumed(dry.resumed)
+    _print_resumed(dry.resumed, dry.todo)
     if plan.options.pack > 1 or any(len(g) > 1 for g in dry.groups):
         most = max(len(g) for g in dry.groups)
         console.print(f"{n_tasks} task(s) of at most {most} run(s) each (packs as submitted):")
+        todo = set(dry.todo)
         for i, g in enumerate(dry.groups):  # plain lines, never wrapped: one task per line
-            typer.echo(f"  task {i}: {', '.join(g)}")
+            typer.echo(f"  task {i}: {', '.join(r if r in todo else f'{r} (carried)' for r in g)}")
     else:
         console.print(f"{n_tasks} task(s), one run each")
     if dry.sbatch is not None:

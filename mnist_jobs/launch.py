@@ -360,25 +360,28 @@ def slurm_executor_for(plan: Plan, *, dry_run: bool = False):
 
 @dataclass(frozen=True)
 class DryRun:
-    groups: list[list[str]]  # the array's tasks, as submission would make them
+    groups: list[list[str]]  # the array's tasks, as submission would make them (carried runs too)
     resumed: list[list[str]]  # those of them a checkpoint resumes (Plan.resumed)
+    todo: list[str]  # the runs to do; a task's others are carried (make_tasks)
     sbatch: str | None  # the script (SLURM), for the first array
     arrays: int  # how many arrays (MaxArraySize splits)
     max_array: int | None
 
 
-def dry_run(plan: Plan) -> DryRun:
-    """What submission would do, from the same code: the tasks (packs) and the exact sbatch text."""
-    groups, resumed = plan.groups(), plan.resumed()
-    if plan.executor != "slurm":
-        return DryRun(groups, resumed, None, 1, None)
+def dry_run(plan: Plan, run_ids: list[str] | None = None) -> DryRun:
+    """What submitting `run_ids` (default: all; the CLI gives Plan.todo's) would do, from the same
+    code: the tasks (packs) and the exact sbatch text."""
+    todo = plan.run_ids if run_ids is None else run_ids
+    groups, resumed = plan.groups(todo), plan.resumed(todo)
+    if plan.executor != "slurm" or not groups:
+        return DryRun(groups, resumed, todo, None, 1, None)
     from .slurm import max_array_size, sbatch_text
 
     limit = max_array_size()
     n = len(groups)
     per = min(n, limit) if limit else n
     sbatch = sbatch_text(slurm_executor_for(plan, dry_run=True), per)
-    return DryRun(groups, resumed, sbatch, -(-n // per), limit)
+    return DryRun(groups, resumed, todo, sbatch, -(-n // per), limit)
 
 
 def _runs_info(
@@ -389,7 +392,7 @@ def _runs_info(
     `executor` is the run's own (one folder may hold runs of local and SLURM sweeps); a local run's
     `host` is where its job id, a process, lives, and `sweep_process` the sweep that runs it there
     (`cancel` stops both)."""
-    where: dict[str, Any] = {"executor": plan.executor}
+    where: dict[str, Any] = {"executor": "slurm" if plan.executor == "slurm" else "local"}  # (debug: local)
     if plan.executor != "slurm":
         from .local import process_identity
 

@@ -260,6 +260,12 @@ def test_a_killed_pack_resumes_whole_carrying_a_run_completed_elsewhere(tmp_path
     assert len(list(folder.glob(f"pack-*{SUFFIX}"))) == 1  # the pack's, still needed by a and c
 
     if where == "planner":
+        dry = subprocess.run(
+            [*sweep_cmd(case, tmp_path), "--dry-run"], capture_output=True, text=True, cwd=REPO
+        )
+        assert dry.returncode == 0, dry.stdout + dry.stderr  # what the sweep again would do: the same
+        assert "1 run(s) already completed: skipped" in dry.stdout, dry.stdout
+        assert f"  task 0: {a}, {b} (carried), {c}\n" in dry.stdout, dry.stdout
         again = run_sweep(case, tmp_path)
         assert again.returncode == 0, again.stdout + again.stderr
         assert "2 run(s) resume from their checkpoints; 1 pack(s) kept whole" in again.stdout

@@ -121,6 +121,10 @@ def test_local_sweep_in_process_resume_force_retry(tmp_path):
     again = runner.invoke(app, args)
     assert again.exit_code == 0 and "2 run(s) already completed: skipped" in again.output
     assert "nothing to submit" in again.output
+    dry = runner.invoke(app, [*args, "--dry-run"])  # the dry run says the same
+    assert dry.exit_code == 0 and "2 run(s) already completed: skipped" in dry.output
+    assert "nothing to submit" in dry.output and "task" not in dry.output
+    assert all(info["executor"] == "local" for info in manifest["runs"].values())  # (debug: a local kind)
 
     # a failed run is skipped unless --retry-failed
     victim = next(iter(results))
