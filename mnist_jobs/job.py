@@ -39,7 +39,8 @@ class TrainTask(Checkpointable):
     next iteration boundary, then submitit calls `checkpoint()` and requeues the job, which resumes from
     that checkpoint (at most `max_requeues` times). On SIGTERM (scancel, `scontrol requeue`, preemption
     without a user signal) it checkpoints and exits; whatever SLURM starts again resumes likewise. On
-    SIGINT (Ctrl-C in a local sweep's terminal) the same: the sweep again resumes it.
+    SIGINT (Ctrl-C in a local sweep's terminal) and SIGHUP (its terminal closed; not under nohup) the
+    same: the sweep again resumes it.
     Each run is claimed (a lock held while it trains, see claims.claim_run), so two sweeps sharing a
     folder never train the same run at once, and a run completed elsewhere meanwhile is not trained
     again. In a DDP job rank 0 claims, and the other ranks train exactly what it admitted.
@@ -188,8 +189,10 @@ class TrainTask(Checkpointable):
             for run_id in run_ids:
                 checkpoint_path(self.results_dir, run_id).unlink(missing_ok=True)
         stop = StopFlag()
-        # SIGINT: Ctrl-C in the terminal of a local sweep reaches its tasks too (local.run_local)
-        with _signals_set(stop, (signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)) as previous:
+        # SIGINT: Ctrl-C in the terminal of a local sweep reaches its tasks too (local.run_local);
+        # SIGHUP: its terminal closed (an ssh session lost) - unless nohup'd: then it stays ignored
+        hangup = () if signal.getsignal(signal.SIGHUP) == signal.SIG_IGN else (signal.SIGHUP,)
+        with _signals_set(stop, (signal.SIGUSR2, signal.SIGTERM, signal.SIGINT, *hangup)) as previous:
             try:
                 return train_pack(
                     configs,

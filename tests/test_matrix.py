@@ -167,6 +167,8 @@ def interrupt(case: str, results: Path, how: str) -> int:
             assert said.output.startswith(f"interrupted the sweep process(es) {proc.pid} here"), said.output
         elif how == "ctrl-c":  # the terminal's SIGINT, to the whole foreground process group
             os.killpg(proc.pid, signal.SIGINT)
+        elif how == "hangup":  # the terminal closed (ssh lost): SIGHUP to the whole process group
+            os.killpg(proc.pid, signal.SIGHUP)
         else:
             for pid in pids:
                 os.kill(pid, signal.SIGTERM if how == "sigterm" else signal.SIGKILL)
@@ -177,6 +179,12 @@ def interrupt(case: str, results: Path, how: str) -> int:
         assert proc.returncode == 130, out
         n = len(configs(case))
         assert f"interrupted\n{n} run(s) stopped with a checkpoint: the same" in out, out
+    elif how == "hangup":  # the sweep process ends at once; its tasks checkpoint, then exit
+        assert proc.returncode == -signal.SIGHUP, out
+        deadline = time.monotonic() + 60
+        while workers(folder):
+            assert time.monotonic() < deadline, "the tasks did not stop"
+            time.sleep(0.05)
     else:
         assert proc.returncode == 1, out  # the task failed: stopped (SIGTERM) or killed
     assert not results_of(folder), "a stopped or killed run wrote a result"
@@ -334,16 +342,18 @@ def test_a_run_the_planner_carried_but_free_when_the_job_starts_is_trained_and_w
         ("cancel", "logreg-ddp2"),
         ("ctrl-c", "logreg-pack3"),
         ("ctrl-c", "logreg-ddp2"),
+        ("hangup", "logreg-lone"),
     ],
 )
 def test_a_local_sweep_stopped_by_its_user_checkpoints_and_the_sweep_again_resumes(
     tmp_path, how, case, uninterrupted
 ):
     """A user stops a sweep running on this machine: `mnist-jobs cancel` in another terminal (SIGTERM
-    to the local job's controller, which hands it to every task, both DDP ranks), or Ctrl-C in its own
+    to the local job's controller, which hands it to every task, both DDP ranks), Ctrl-C in its own
     (SIGINT to the process group: the tasks take it, submitit's controller ignores it rather than
-    kill them mid-checkpoint). Every run checkpoints and stops, writes no result (not a failed one),
-    and the same sweep again resumes it, bit for bit the uninterrupted run."""
+    kill them mid-checkpoint), or closing that terminal (SIGHUP to the group). Every run checkpoints
+    and stops, writes no result (not a failed one), and the same sweep again resumes it, bit for bit
+    the uninterrupted run."""
     stopped_at = interrupt(case, tmp_path, how)
     assert 0 < stopped_at < CASES[case][0]["iters"]
     n = len(configs(case))
@@ -391,3 +401,25 @@ def test_cancel_of_a_local_sweep_also_stops_the_runs_still_waiting_for_a_slot(tm
     assert recs[stopped]["checkpointing"]["resumed_from_iteration"] is not None
     [other] = set(recs) - {stopped}
     assert recs[other]["checkpointing"]["resumed_from_iteration"] is None
+
+
+def test_a_nohup_sweep_trains_on_through_a_hangup(tmp_path):
+    """Under nohup (SIGHUP ignored, as the tasks inherit it) the terminal closing stops nothing: the
+    tasks keep SIGHUP ignored and the sweep completes."""
+    cmd = sweep_cmd("logreg-lone", tmp_path)
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO, start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN),
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not list((tmp_path / "m").glob(f"*{SUFFIX}")):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
+            time.sleep(0.01)
+        os.killpg(proc.pid, signal.SIGHUP)
+        out = proc.communicate(timeout=120)[0]
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, out
+    [rec] = results_of(tmp_path / "m").values()
+    assert rec["status"] == "completed" and rec["checkpointing"]["resumed_from_iteration"] is None
