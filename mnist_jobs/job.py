@@ -320,6 +320,8 @@ def _signals_set(stop, signums: tuple[int, ...]) -> Iterator[dict[int, Any]]:
         yield {}
         return
     previous = {s: signal.signal(s, lambda signum, frame: stop.request(signum)) for s in signums}
+    if hasattr(signal, "pthread_sigmask"):  # a local job's processes start with SIGINT blocked (local.py)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, set(signums))
     try:
         yield previous
     finally:

@@ -109,15 +109,17 @@ def run_local(
             task.threads = cpu_threads
         if tasks_per_node > 1 and task.master_port is None:
             task.master_port = free_port()
-        with _sigint_ignored_by_children():
+        with (
+            _sigint_held_for_children()
+        ):  # (a Ctrl-C meanwhile is raised as it ends: once `running` has the job)
             job = ex.submit(task)
-        for j in (job, *job._sub_jobs):
-            # A local job's result is on this disk before its process exits, so there is no network
-            # filesystem to wait for: without this, submitit waits 15 s (twice: our state check, then
-            # the caller's) for the result of a worker that was killed and will never write one.
-            j._results_timeout_s = 0
-        running[i] = (job, slot)
-        states[i] = "RUNNING"
+            for j in (job, *job._sub_jobs):
+                # A local job's result is on this disk before its process exits, so there is no network
+                # filesystem to wait for: without this, submitit waits 15 s (twice: our state check, then
+                # the caller's) for the result of a worker that was killed and will never write one.
+                j._results_timeout_s = 0
+            running[i] = (job, slot)
+            states[i] = "RUNNING"
         if on_event:
             on_event("started", i, job)
 
@@ -160,23 +162,24 @@ STOP_GRACE_S = 30.0  # how long an interrupted local sweep waits for its jobs to
 
 
 @contextlib.contextmanager
-def _sigint_ignored_by_children():
-    """Start a job with SIGINT ignored, which its processes inherit: the terminal's Ctrl-C reaches
-    the whole foreground process group, and submitit's controller would answer it by killing the
-    tasks a second later, mid-checkpoint. The controller ignores it, then; each task listens again
-    once it trains (job.TrainTask: it checkpoints and stops), and the sweep tells the controllers to
-    stop with SIGTERM, which they hand to their tasks."""
+def _sigint_held_for_children():
+    """Start a job with SIGINT blocked, which its processes inherit: the terminal's Ctrl-C reaches the
+    whole foreground process group, and submitit's controller would answer it by killing the tasks a
+    second later, mid-checkpoint. The controller never sees it, then; each task unblocks it once it
+    trains (job.TrainTask: it checkpoints and stops), and the sweep tells the controllers to stop with
+    SIGTERM, which they hand to their tasks. A Ctrl-C that reaches this process meanwhile is held, not
+    lost: it is raised as the block ends."""
     import signal
     import threading
 
-    if threading.current_thread() is not threading.main_thread():
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
         yield
         return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def stop_local_job(job_id: str, log_folder: Path) -> bool:
