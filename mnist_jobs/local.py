@@ -109,9 +109,8 @@ def run_local(
             task.threads = cpu_threads
         if tasks_per_node > 1 and task.master_port is None:
             task.master_port = free_port()
-        with (
-            _sigint_held_for_children()
-        ):  # (a Ctrl-C meanwhile is raised as it ends: once `running` has the job)
+        # a Ctrl-C meanwhile is held, and raised as the block ends: once `running` has the job
+        with _sigint_held_for_children():
             job = ex.submit(task)
             for j in (job, *job._sub_jobs):
                 # A local job's result is on this disk before its process exits, so there is no network
@@ -144,7 +143,7 @@ def run_local(
                         on_event("finished", i, job)
     except BaseException:
         # Ctrl-C (the tasks had it too) or an error here: every job is told to stop (SIGTERM to its
-        # controller, handed to its tasks: each run checkpoints and exits), and given a moment to
+        # controller, handed to its tasks: each run checkpoints and exits), and given STOP_GRACE_S to
         for job, _ in running.values():
             stop_local_job(str(job.job_id), folder.absolute())
         deadline = time.monotonic() + (STOP_GRACE_S if executor_kind != "debug" else 0)

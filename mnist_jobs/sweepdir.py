@@ -146,8 +146,8 @@ def list_sweeps(results_dir: Path) -> list[Path]:
 
 
 def run_executor(manifest: dict[str, Any], info: dict[str, Any]) -> str | None:
-    """Where a run was last sent: 'slurm', 'local' or 'debug' (its own entry; a manifest written
-    before runs recorded it has one for the whole sweep)."""
+    """Where a run was last sent, 'slurm' or 'local': its own entry's word (one folder may hold runs
+    of both); a manifest written before runs recorded it has one for the whole sweep."""
     return info.get("executor") or manifest.get("executor")
 
 
