@@ -193,7 +193,7 @@ _R = "Random search (sweep; sampled options: KIND:LOW:HIGH, uniform or logunifor
 CheckpointEvery = Annotated[
     Optional[int],
     typer.Option(
-        help="Checkpoint every N iterations into <run_id>.ckpt.pt, a pack into pack-<hash>.ckpt.pt (0: only when stopped by a signal). Default: off below 2000 iterations, else every max(1000, iters/20).",
+        help="Checkpoint every N iterations into <run_id>.ckpt.pt, a pack into pack-<hash>.ckpt.pt (0: only when stopped by a signal). Default: off below 2000 iterations, else every max(1000, iters/20); a train in the foreground: only when stopped (Ctrl-C).",
         metavar="N",
         rich_help_panel=_C,
     ),
@@ -264,7 +264,7 @@ def train(
 ) -> None:
     """Train one model on MNIST and write its JSON result.
 
-    The defaults reproduce the tutorials' run: logistic regression, SGD lr 0.001, batch 100, 3000 iterations (about 82.5 % test accuracy). With a SLURM option (--partition gpu) the run is submitted as a SLURM job instead; follow it with `mnist-jobs status`.
+    The defaults reproduce the tutorials' run: logistic regression, SGD lr 0.001, batch 100, 3000 iterations (about 82.5 % test accuracy). With a SLURM option (--partition gpu) the run is submitted as a SLURM job instead; follow it with `mnist-jobs status`. Ctrl-C checkpoints a run in the foreground, and the same command again resumes it.
     """
     v = dict(locals())
     try:
@@ -277,20 +277,24 @@ def train(
 
         _launch(opts, dry_run=dry_run, wait=wait, name=f"train-{sweep_run_id(config)}")
         return
-    if checkpoint_every is not None or max_requeues != 3:
+    if max_requeues != 3:
         typer.echo(
-            "Warning: --checkpoint-every and --max-requeues apply to submitted runs (a sweep, or train "
-            "with SLURM options or --tasks-per-node): a run in the foreground is not resumed",
+            "Warning: --max-requeues applies to submitted runs (a sweep, or train with SLURM options or "
+            "--tasks-per-node): a run in the foreground is never requeued",
             err=True,
         )
     _preflight(config, data_dir, results_dir)
-    _run_local(config, data_dir, results_dir)
+    _run_local(config, data_dir, results_dir, checkpoint_every)
 
 
-def _run_local(config: TrainConfig, data_dir: Path | None, results_dir: Path) -> None:
+def _run_local(config: TrainConfig, data_dir: Path | None, results_dir: Path, checkpoint_every) -> None:
+    """A run in the foreground: Ctrl-C (or SIGTERM, a closed terminal) checkpoints it and stops, and
+    the same command again resumes it (train.resumable_run_id)."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+    from .checkpoint import checkpoint_path
+    from .train import STOP_SIGNALS, Interrupted, StopFlag, default_run_id, resumable_run_id, stopping_on
     from .train import train as run_training
 
     err = Console(stderr=True)
@@ -310,18 +314,24 @@ def _run_local(config: TrainConfig, data_dir: Path | None, results_dir: Path) ->
                 fields["acc"] = f"{p.test_accuracy:.2f}%"
             bar.update(task, completed=p.iteration, **fields)
 
+        run_id = resumable_run_id(config, results_dir) or default_run_id(config)
+        stop = StopFlag()
         try:
-            result = run_training(config, results_dir=results_dir, data_dir=data_dir, progress=on_progress)
+            with stopping_on(stop, STOP_SIGNALS):
+                result = run_training(
+                    config, run_id=run_id, results_dir=results_dir, data_dir=data_dir, progress=on_progress,
+                    stop=stop, checkpoint_every=checkpoint_every or 0,  # (default: only when stopped)
+                )  # fmt: skip
+        except Interrupted as e:  # checkpointed at the iteration it stopped at; no record written
+            bar.stop()
+            fail(
+                f"interrupted at iteration {e.iteration}: checkpoint {checkpoint_path(results_dir, run_id)}; "
+                "the same command again resumes it",
+                code=130,
+            )
         except Exception as e:  # the failed record is already written
             bar.stop()
             fail(f"training failed: {type(e).__name__}: {e} (record in {results_dir})", code=1)
-        except KeyboardInterrupt:  # Ctrl-C: its record says so (failed, KeyboardInterrupt)
-            bar.stop()
-            fail(
-                f"interrupted: the run's record (failed, KeyboardInterrupt) is in {results_dir}; a run in "
-                "the foreground is not resumed (a sweep's runs are)",
-                code=130,
-            )
     m, t = result["metrics"], result["timings"]
     typer.echo(
         f"test accuracy {m['test_accuracy']:.2f}%  (test loss {m['test_loss']:.4f}, "

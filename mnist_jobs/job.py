@@ -12,9 +12,8 @@ import dataclasses
 import json
 import os
 import signal
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -178,7 +177,7 @@ class TrainTask(Checkpointable):
     ) -> list[dict[str, Any]]:
         """One run or a pack (the same loop), with the stop signals routed to it (it checkpoints, then
         stops); the records of the runs it writes (not of those it carries)."""
-        from .train import Interrupted, StopFlag, train_pack
+        from .train import STOP_SIGNALS, Interrupted, StopFlag, stopping_on, train_pack
 
         if self.fresh and self.requeue_count() == 0 and dist.is_main:
             # --force: start from scratch, decided here, on the node, once the job really runs (the
@@ -189,10 +188,8 @@ class TrainTask(Checkpointable):
             for run_id in run_ids:
                 checkpoint_path(self.results_dir, run_id).unlink(missing_ok=True)
         stop = StopFlag()
-        # SIGINT: Ctrl-C in the terminal of a local sweep reaches its tasks too (local.run_local);
-        # SIGHUP: its terminal closed (an ssh session lost) - unless nohup'd: then it stays ignored
-        hangup = () if signal.getsignal(signal.SIGHUP) == signal.SIG_IGN else (signal.SIGHUP,)
-        with _signals_set(stop, (signal.SIGUSR2, signal.SIGTERM, signal.SIGINT, *hangup)) as previous:
+        # SIGINT: Ctrl-C in the terminal of a local sweep reaches its tasks too (local.run_local)
+        with stopping_on(stop, (signal.SIGUSR2, *STOP_SIGNALS)) as previous:
             try:
                 return train_pack(
                     configs,
@@ -310,20 +307,3 @@ def _write_failed(e, task: TrainTask) -> None:
         record["error"] = {"type": "RequeueLimit", "message": message, "traceback": None}
         record.pop("result_path", None)
         atomic_write_json(result_path(task.results_dir, record["run_id"]), record)
-
-
-@contextlib.contextmanager
-def _signals_set(stop, signums: tuple[int, ...]) -> Iterator[dict[int, Any]]:
-    """While the block runs, these signals only ask the training loop to stop (`stop.request`); the
-    previous handlers (submitit's) are restored after, and handed to the block."""
-    if threading.current_thread() is not threading.main_thread():
-        yield {}
-        return
-    previous = {s: signal.signal(s, lambda signum, frame: stop.request(signum)) for s in signums}
-    if hasattr(signal, "pthread_sigmask"):  # a local job's processes start with SIGINT blocked (local.py)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, set(signums))
-    try:
-        yield previous
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)

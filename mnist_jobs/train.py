@@ -22,15 +22,17 @@ TensorBoard (see tblog.py): rank 0 writes each run's evaluations and hyperparame
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
 import shutil
+import signal
 import socket
 import threading
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -112,6 +114,29 @@ class StopFlag(threading.Event):
         self.set()
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)  # scancel / requeue, Ctrl-C, hang-up
+
+
+@contextlib.contextmanager
+def stopping_on(stop: StopFlag, signums: Sequence[int]) -> Iterator[dict[int, Any]]:
+    """While the block runs, these signals only ask the training loop to stop (`stop.request`: it
+    checkpoints at the next iteration, then raises Interrupted); the previous handlers (submitit's)
+    are restored after, and handed to the block. A signal ignored now (SIGHUP under nohup) stays
+    ignored. Those blocked (a local job's SIGINT, see local.py) are unblocked: held ones arrive now."""
+    if threading.current_thread() is not threading.main_thread():
+        yield {}
+        return
+    signums = [s for s in signums if s != signal.SIGHUP or signal.getsignal(s) != signal.SIG_IGN]
+    previous = {s: signal.signal(s, lambda signum, frame: stop.request(signum)) for s in signums}
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, set(signums))
+    try:
+        yield previous
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
 @dataclass(frozen=True)
 class Progress:
     iteration: int
@@ -126,6 +151,18 @@ ProgressFn = Callable[[Progress], None]
 def default_run_id(config: TrainConfig) -> str:
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S-%f")[:-3]
     return f"{config.model}-{config.config_id()}-{stamp}"
+
+
+def resumable_run_id(config: TrainConfig, results_dir: Path | str) -> str | None:
+    """The id of the newest stopped run of `config` in `results_dir` that its checkpoint resumes (a
+    `train` in the foreground stopped by Ctrl-C: `<model>-<config id>-<stamp>.ckpt.pt`, no result
+    yet), or None."""
+    prefix = f"{config.model}-{config.config_id()}-"
+    for path in sorted(Path(results_dir).glob(f"{prefix}*{ckpt.SUFFIX}"), reverse=True):  # newest stamp first
+        run_id = path.name[: -len(ckpt.SUFFIX)]
+        if not result_path(results_dir, run_id).exists():
+            return run_id
+    return None
 
 
 @torch.no_grad()
