@@ -104,14 +104,23 @@ class Diverged(RuntimeError):
         self.records = records or []
 
 
-class StopFlag(threading.Event):
-    """Set from a signal handler: the loop checkpoints at the next iteration boundary and stops."""
+class StopFlag:
+    """Set from a signal handler: the loop checkpoints at the next iteration boundary and stops.
 
-    signum: int | None = None
+    Plain attributes, no lock: a second signal (Ctrl-C's SIGINT, then the SIGTERM the local
+    controller forwards) runs its Python handler inside the first one's, and a lock taken there
+    (threading.Event.set's) deadlocked the run for good."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._requested = False
 
     def request(self, signum: int | None = None) -> None:
         self.signum = signum
-        self.set()
+        self._requested = True
+
+    def is_set(self) -> bool:
+        return self._requested
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)  # scancel / requeue, Ctrl-C, hang-up

@@ -190,3 +190,28 @@ def test_a_local_job_starts_with_sigint_held_and_a_ctrl_c_meanwhile_is_not_lost(
     finally:
         child.kill()
         child.wait()
+
+
+def test_a_stop_signal_arriving_inside_the_handler_of_another_never_deadlocks():
+    """Ctrl-C's SIGINT, then the SIGTERM the local controller forwards, can land a few bytecodes
+    apart: Python then runs the second handler inside the first. StopFlag was a threading.Event, whose
+    set() takes a lock, so the nested set() waited for its own caller for ever (found hung in the
+    Ctrl-C matrix case). 20000 signals from another process, each landing where it may; it must end."""
+    import subprocess
+
+    code = (
+        "import os, signal, subprocess, sys\n"
+        "from mnist_jobs.train import StopFlag, stopping_on\n"
+        "stop = StopFlag()\n"
+        "with stopping_on(stop, (signal.SIGTERM, signal.SIGINT)):\n"
+        "    blaster = subprocess.Popen([sys.executable, '-c', 'import os, signal\\n"
+        "for i in range(20000): os.kill(%d, signal.SIGINT if i %% 2 else signal.SIGTERM)' % os.getpid()])\n"
+        "    while blaster.poll() is None:\n"
+        "        stop.is_set()\n"
+        "assert stop.is_set() and stop.signum in (signal.SIGINT, signal.SIGTERM)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        assert proc.wait(timeout=60) == 0
+    finally:
+        proc.kill()  # (SIGKILL: a deadlocked one takes its SIGTERMs as stop requests)
