@@ -174,11 +174,18 @@ def _sigint_held_for_children():
     if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
         yield
         return
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    held: list[int] = []
+    # the mask is this thread's (what a child inherits); another thread (rich's refresh) may still take
+    # the signal, so the handler holds it too
+    handler = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # (one pending here arrives now: held)
+        signal.signal(signal.SIGINT, handler)
+        if held and callable(handler):
+            handler(signal.SIGINT, None)  # Python's default: KeyboardInterrupt, now the block is done
 
 
 def stop_local_job(job_id: str, log_folder: Path) -> bool:
