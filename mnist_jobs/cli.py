@@ -869,8 +869,10 @@ def cancel(
     name: RequiredSweepName,
     results_dir: ResultsDir = Path("results"),
 ) -> None:
-    """Cancel every run of a sweep that is still queued or running: SLURM jobs with scancel, local jobs
-    on this machine with SIGTERM (each run checkpoints and stops; the same sweep again resumes it)."""
+    """Cancel every run of a sweep that is still queued or running.
+
+    SLURM jobs are cancelled with scancel; local jobs on this machine get SIGTERM, so each run
+    checkpoints and stops, and the same sweep again resumes it."""
     from .launch import LaunchError, cancel_sweep
     from .sweepdir import ManifestError
 

@@ -72,8 +72,14 @@ def test_sweep_names_complete_in_zsh(sweeps):
 
 
 def test_show_completion_prints_the_script():
+    # typer's --show-completion is a flag that detects the shell from the parent processes, as in a
+    # terminal: a bash that does not exec the command (two commands) is that parent here, wherever
+    # pytest itself was started from
     out = subprocess.run(
-        [str(SCRIPT), "--show-completion", "bash"], capture_output=True, text=True, timeout=60
+        ["bash", "-c", '"$0" --show-completion; exit $?', str(SCRIPT)],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert out.returncode == 0, out.stderr
     assert "_MNIST_JOBS_COMPLETE=complete_bash" in out.stdout and "complete " in out.stdout
