@@ -8,9 +8,11 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import json
 import os
 import platform
 import re
+import socket
 import struct
 import sys
 import time
@@ -100,11 +102,14 @@ def _drop_claim(f) -> None:
 
 
 @contextlib.contextmanager
-def claim_run(folder: Path, run_id: str) -> Iterator[bool]:
+def claim_run(folder: Path, run_id: str, holder: dict[str, Any] | None = None) -> Iterator[bool]:
     """Try to claim a run for this process: an exclusive, non-blocking lock on `.<run_id>.lock` in the
     sweep folder (see above), held for the block. Yields False when another process (or another
     open() of the file) holds it. Where locks do not work (the lock call fails) or are seen only on
-    this node (mount options), it warns once on stderr and yields True: the run trains unclaimed."""
+    this node (mount options), it warns once on stderr and yields True: the run trains unclaimed.
+
+    `holder` (the job's id and executor, job.py) is written into the claimed file with this host and
+    pid: `claim_holder` reads who trains the run, whatever the manifest last recorded for it."""
     folder.mkdir(parents=True, exist_ok=True)
     with open(claim_path(folder, run_id), "a+") as f:
         try:
@@ -116,6 +121,11 @@ def claim_run(folder: Path, run_id: str) -> Iterator[bool]:
             return
         if held:
             warn_if_claims_node_local(folder)
+            note = {**(holder or {}), "host": socket.gethostname(), "pid": os.getpid()}
+            with contextlib.suppress(OSError):  # (only a note: the lock is the claim)
+                f.truncate(0)
+                f.write(json.dumps(note) + "\n")
+                f.flush()
         try:
             yield held
         finally:
@@ -126,22 +136,39 @@ def claim_run(folder: Path, run_id: str) -> Iterator[bool]:
 def run_is_claimed(folder: Path, run_id: str) -> bool:
     """Whether some process is training this run right now (holds its claim). Takes no lock (a worker
     claiming the run at that moment gets it) and creates nothing."""
+    return claim_holder(folder, run_id) is not None
+
+
+def claim_holder(folder: Path, run_id: str) -> dict[str, Any] | None:
+    """Who trains this run right now: None if nobody holds its claim, else the holder's note
+    (`job_id`, `executor`, `host`, `pid`; {} if it wrote none). Takes no lock and creates nothing."""
     try:
         f = open(claim_path(folder, run_id), "rb")  # noqa: SIM115 - closed below
     except OSError:
-        return False
+        return None
     with f:
+        if not _is_locked(f):
+            return None
         try:
-            if _ofd:
-                got = fcntl.fcntl(f, fcntl.F_OFD_GETLK, _whole_file(fcntl.F_WRLCK))
-                return FLOCK.unpack(got)[0] != fcntl.F_UNLCK
-            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)  # (the claim retries past this moment)
-        except BlockingIOError:
-            return True
-        except OSError:
-            return False  # no locks here (warned where claims are taken): nobody can be seen
-        fcntl.flock(f, fcntl.LOCK_UN)
-        return False
+            note = json.loads(f.read(4096) or b"{}")
+        except (OSError, ValueError):  # being written this moment, or foreign
+            note = {}
+        return note if isinstance(note, dict) else {}
+
+
+def _is_locked(f) -> bool:
+    """Whether another open file holds the claim lock on `f` (see above: a probe takes none)."""
+    try:
+        if _ofd:
+            got = fcntl.fcntl(f, fcntl.F_OFD_GETLK, _whole_file(fcntl.F_WRLCK))
+            return FLOCK.unpack(got)[0] != fcntl.F_UNLCK
+        fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)  # (the claim retries past this moment)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False  # no locks here (warned where claims are taken): nobody can be seen
+    fcntl.flock(f, fcntl.LOCK_UN)
+    return False
 
 
 def node_local_locks(fstype: str, options: str) -> str | None:

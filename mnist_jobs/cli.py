@@ -82,7 +82,7 @@ def _opt(help: str, metavar: str, default: Any = None) -> Any:
 Model = Annotated[Optional[str], _opt("logreg or cnn.", "NAME", _D.model)]
 Optimizer = Annotated[Optional[str], _opt("sgd or adam.", "NAME", _D.optimizer)]
 Lr = Annotated[Optional[str], _opt("Learning rate > 0.", "FLOAT", f"{_D.lr:g}")]
-Momentum = Annotated[Optional[str], _opt("SGD momentum >= 0.", "FLOAT", f"{_D.momentum:g}")]
+Momentum = Annotated[Optional[str], _opt("SGD momentum in [0, 1) (SGD only).", "FLOAT", f"{_D.momentum:g}")]
 WeightDecay = Annotated[Optional[str], _opt("L2 weight decay >= 0.", "FLOAT", f"{_D.weight_decay:g}")]
 Schedule = Annotated[
     Optional[str], _opt("Learning-rate schedule: constant, cosine or onecycle.", "NAME", _D.schedule)
@@ -264,12 +264,14 @@ def train(
 ) -> None:
     """Train one model on MNIST and write its JSON result.
 
-    The defaults reproduce the tutorials' run: logistic regression, SGD lr 0.001, batch 100, 3000 iterations (about 82.5 % test accuracy). With a SLURM option (--partition gpu) the run is submitted as a SLURM job instead; follow it with `mnist-jobs status`. Ctrl-C checkpoints a run in the foreground, and the same command again resumes it.
+    The defaults reproduce the tutorials' run: logistic regression, SGD lr 0.001, batch 100, 3000 iterations (about 82.5 % test accuracy). With a SLURM option (--partition gpu) the run is submitted as a SLURM job instead; follow it with `mnist-jobs status`. Ctrl-C checkpoints a run in the foreground, and the same command again resumes it. A submitted run (SLURM options, or --tasks-per-node) is a one-run sweep, train-<run id>: the same command again resumes it when stopped and leaves it be once completed.
     """
     v = dict(locals())
     try:
         config = train_config_from_options(_train_options(v))
-        opts = _sweep_options(v, force=True)  # a submitted (or multi-process) run: a one-run sweep
+        # a submitted (or multi-process) run is a one-run sweep: the same command again resumes it
+        # when stopped, and leaves it be once completed (its result is never overwritten)
+        opts = _sweep_options(v)
     except ConfigError as e:
         fail(str(e))
     if opts.executor != "local" or opts.slurm.tasks_per_node > 1:
@@ -411,7 +413,7 @@ def sweep(
 ) -> None:
     """Run a hyperparameter grid: every training option takes a comma list (--lr 0.001,0.01).
 
-    Random search: --lr loguniform:1e-4:1e-1 --momentum uniform:0:0.99 --samples 20 (lr, momentum, weight decay, batch size, epochs, iters can be sampled). With any SLURM option (--partition, --gpus-per-node, ...) the grid is submitted as a SLURM job array and the command returns; otherwise it runs on this machine. Runs that already have a completed result are skipped, so the same command resumes a sweep.
+    Random search: --lr loguniform:1e-4:1e-1 --momentum uniform:0:0.99 --samples 20 (lr, momentum, weight decay, warmup, batch size, epochs, iters can be sampled). With any SLURM option (--partition, --gpus-per-node, ...) the grid is submitted as a SLURM job array and the command returns; otherwise it runs on this machine. Runs that already have a completed result are skipped, so the same command resumes a sweep.
     """
     v = dict(locals())
     try:
@@ -451,6 +453,7 @@ def _launch(opts, *, dry_run: bool, wait: bool, name: str | None = None) -> None
 
     from . import launch
     from .slurm import LaunchError
+    from .sweepdir import submitting
 
     console = Console()
     try:
@@ -466,16 +469,17 @@ def _launch(opts, *, dry_run: bool, wait: bool, name: str | None = None) -> None
                 err=True,
             )
         launch.preflight(plan)
-        todo, skipped = plan.todo()
-        _print_skipped(console, skipped)
-        if not todo:
-            console.print("nothing to submit")
-            return
-        tasks, groups = launch.make_tasks(plan, todo)
-        _print_resumed(plan.resumed(todo), todo)
-        if plan.executor == "slurm":
-            sub = launch.submit(plan, tasks, groups)
-        else:
+        with submitting(plan.folder) as new_folder:  # (a concurrent sweep sees these runs queued)
+            todo, skipped = plan.todo()
+            _print_skipped(console, skipped)
+            if not todo:
+                console.print("nothing to submit")
+                return
+            tasks, groups = launch.make_tasks(plan, todo)
+            _print_resumed(plan.resumed(todo), todo)
+            if plan.executor == "slurm":
+                sub = launch.submit(plan, tasks, groups, new_folder=new_folder)
+        if plan.executor != "slurm":
             _run_here(console, plan, tasks, groups)
             return
     except (ConfigError, LaunchError) as e:
@@ -488,8 +492,11 @@ def _launch(opts, *, dry_run: bool, wait: bool, name: str | None = None) -> None
     )
     console.print(f"  results: {plan.folder}/   logs: {plan.folder / LOG_DIR}/")
     console.print(f"  follow:  mnist-jobs status {plan.name} --results-dir {opts.results_dir}")
-    if wait:
-        _follow(console, plan.folder)
+    if wait:  # as a local sweep does: exit 1 unless every run completed (`sweep --wait && report`)
+        rows = _follow(console, plan.folder)
+        if not_done := [r for r in rows if r["state"] != "COMPLETED"]:
+            typer.echo(f"{len(not_done)} run(s) did not complete", err=True)
+            raise typer.Exit(1)
 
 
 def _print_skipped(console, skipped: dict[str, list[str]]) -> None:
@@ -541,7 +548,15 @@ def _print_dry_run(console, plan, dry, skipped: dict[str, list[str]]) -> None:
         console.print(f"{n_tasks} task(s), one run each")
     if dry.sbatch is not None:
         if dry.arrays > 1:
-            console.print(f"{n_tasks} tasks > MaxArraySize {dry.max_array}: {dry.arrays} arrays")
+            chained = ""
+            if dry.chains < dry.arrays:  # (--max-parallel bounds them all: slurm.array_chains)
+                order = (
+                    "chained: each starts when the one before it has ended"
+                    if dry.chains == 1
+                    else f"in {dry.chains} chains: array k starts when array k-{dry.chains} has ended"
+                )
+                chained = f", {order}, so at most {plan.options.max_parallel} task(s) run at once"
+            typer.echo(f"{n_tasks} tasks > MaxArraySize {dry.max_array}: {dry.arrays} arrays{chained}")
         typer.echo(dry.sbatch)
     console.print("dry run: nothing submitted")
 
@@ -647,7 +662,8 @@ def _result(folder: Path, run_id: str):
     return result_status(folder, run_id)
 
 
-def _follow(console, folder: Path, interval_s: float = 2.0) -> None:
+def _follow(console, folder: Path, interval_s: float = 2.0) -> list[dict[str, Any]]:
+    """A live table of the sweep's runs until every one has ended; their final rows."""
     from rich.console import Group
     from rich.live import Live
 
@@ -670,12 +686,14 @@ def _follow(console, folder: Path, interval_s: float = 2.0) -> None:
     if not console.is_terminal:
         console.line()  # (Live ends a file's last render without one)
     _print_resumable(rows)
+    return rows
 
 
 def _print_resumable(rows: list[dict[str, Any]]) -> None:
     if resumable := sum(bool(r.get("resumable")) for r in rows):
         typer.echo(
-            f"{resumable} run(s) stopped with a checkpoint: the same `mnist-jobs sweep` again resumes them"
+            f"{resumable} run(s) stopped with a checkpoint: the same `mnist-jobs sweep` (or `train`) "
+            "again resumes them"
         )
 
 

@@ -68,6 +68,11 @@ class TrainConfig:
         _check_number("momentum", self.momentum, float, minimum=-math.inf)  # a finite number
         if not 0.0 <= self.momentum < 1.0:  # momentum >= 1 never forgets a gradient: SGD diverges
             raise ConfigError(f"--momentum must be >= 0 and < 1 (got {self.momentum!r})")
+        if self.optimizer == "adam" and self.momentum:  # it would change the run id, not the run
+            raise ConfigError(
+                f"--momentum {self.momentum:g} has no effect with --optimizer adam (its betas are "
+                "0.9, 0.999): sweep momentum with sgd only"
+            )
         _check_number("weight_decay", self.weight_decay, float, minimum=0.0, maximum=MAX_HYPERPARAM)
         _check_choice("schedule", self.schedule, SCHEDULES)
         if self.warmup is None:
@@ -300,6 +305,8 @@ class SlurmConfig:
             check_no_control("--slurm-opt", f"{key}={value}")
             if not _SLURM_KEY_RE.fullmatch(key):
                 raise ConfigError(f"--slurm-opt key must look like 'mail-type' (got {key!r})")
+            if (owner := _OWNED_SBATCH_KEYS.get(key)) is not None:
+                raise ConfigError(f"--slurm-opt {key}={value}: {owner}")
         for line in self.setup:
             if not isinstance(line, str):
                 raise ConfigError(f"--setup must be a line of shell (got {line!r})")
@@ -326,6 +333,23 @@ def parse_slurm_opt(text: str) -> tuple[str, str]:
 # ---- text that reaches the sbatch script -------------------------------------------------------
 
 _SLURM_KEY_RE = re.compile(r"[a-z][a-z0-9_-]*")
+
+# sbatch options the launcher writes itself: one given again through --slurm-opt would make a second
+# #SBATCH line (sbatch takes the last), escape the checks made on the real option, or break the job
+_REAL_OPTION = {
+    "partition": "--partition", "nodes": "--nodes", "ntasks-per-node": "--tasks-per-node",
+    "ntasks": "--nodes and --tasks-per-node", "gpus-per-node": "--gpus-per-node", "gpus": "--gpus-per-node",
+    "cpus-per-task": "--cpus-per-task", "mem": "--mem-gb", "time": "--time-min", "account": "--account",
+    "qos": "--qos", "constraint": "--constraint", "exclusive": "--exclusive", "job-name": "--name",
+}  # fmt: skip
+_LOGS = "the job's logs go to the sweep folder's logs/ (mnist-jobs logs prints them)"
+_OWNED_SBATCH_KEYS = {
+    **{key: f"use {option} instead" for key, option in _REAL_OPTION.items()},
+    "array": "the job array is the sweep's own (--max-parallel limits how many run at once)",
+    "signal": "the time-limit signal is set from --time-min (USR2, a minute before the end)",
+    "output": _LOGS,
+    "error": _LOGS,
+}
 
 
 def check_no_control(option: str, value: str) -> None:

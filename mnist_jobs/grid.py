@@ -238,7 +238,12 @@ def sweep_space(
 ) -> tuple[dict[str, list[Any]], Search | None]:
     """Per training option its list of values, and the random search (None: a plain grid). CLI values
     (None: not given) override the file's, option by option; so do --samples and --search-seed."""
-    file_values = file_values or {}
+    file_values = dict(file_values or {})
+    # --iters and --epochs are two ways of saying one thing: the command line's overrides the file's
+    # either way (a file's `epochs = 5` with --iters 200 for a quick try)
+    for given, other in (("iters", "epochs"), ("epochs", "iters")):
+        if cli.get(given) is not None and cli.get(other) is None:
+            file_values.pop(other, None)
     values: dict[str, list[Any]] = {}
     space: list[Distribution] = []
     for name in TRAIN_FIELDS:

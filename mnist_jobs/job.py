@@ -94,11 +94,12 @@ class TrainTask(Checkpointable):
         skipped (and reported as such)."""
         folder = Path(self.results_dir)
         todo, skipped = [], []
+        holder = _holder()
         for i, run_id in enumerate(self.run_ids):
             carried = run_id in self.carried  # (the planner's: not the sweep's to do when it planned)
             if carried and result_status(folder, run_id)[0] is not None:
                 continue  # its result (completed, or failed and not retried) stays as it is
-            if not claims.enter_context(claim_run(folder, run_id)):
+            if not claims.enter_context(claim_run(folder, run_id, holder)):
                 if not carried:
                     skipped.append({"run_id": run_id, "status": RUNNING_ELSEWHERE, "test_accuracy": None})
                 continue
@@ -263,6 +264,18 @@ COMPLETED_ELSEWHERE = "completed elsewhere"  # ... and for one completed by anot
 
 
 STALE_ADMISSION_S = 3600.0  # an admission file older than this (and than twice the DDP wait) is stale
+
+
+def _holder() -> dict[str, Any]:
+    """This job as its claims name it (claims.claim_holder): `status` and `cancel` find the job that
+    trains a run through it, whatever the manifest last recorded (a later submission's job id)."""
+    import submitit
+
+    try:
+        env = submitit.JobEnvironment()
+        return {"job_id": str(env.job_id), "executor": "slurm" if env.cluster == "slurm" else "local"}
+    except Exception:  # not under submitit (a task called in-process)
+        return {}
 
 
 def _remove_stale_admissions(folder: Path) -> None:

@@ -366,6 +366,7 @@ class DryRun:
     sbatch: str | None  # the script (SLURM), for the first array
     arrays: int  # how many arrays (MaxArraySize splits)
     max_array: int | None
+    chains: int = 1  # the arrays run in this many chains (--max-parallel across arrays: array_chains)
 
 
 def dry_run(plan: Plan, run_ids: list[str] | None = None) -> DryRun:
@@ -375,13 +376,15 @@ def dry_run(plan: Plan, run_ids: list[str] | None = None) -> DryRun:
     groups, resumed = plan.groups(todo), plan.resumed(todo)
     if plan.executor != "slurm" or not groups:
         return DryRun(groups, resumed, todo, None, 1, None)
-    from .slurm import max_array_size, sbatch_text
+    from .slurm import array_chains, max_array_size, sbatch_text
 
     limit = max_array_size()
     n = len(groups)
     per = min(n, limit) if limit else n
     sbatch = sbatch_text(slurm_executor_for(plan, dry_run=True), per)
-    return DryRun(groups, resumed, todo, sbatch, -(-n // per), limit)
+    arrays = -(-n // per)
+    chains = array_chains(arrays, per, plan.options.max_parallel)
+    return DryRun(groups, resumed, todo, sbatch, arrays, limit, chains)
 
 
 def _runs_info(
@@ -420,15 +423,19 @@ class Submission:
         return sorted({j.split("_")[0] for j in self.job_ids})
 
 
-def submit(plan: Plan, tasks: list[TrainTask], groups: list[list[str]]) -> Submission:
+def submit(
+    plan: Plan, tasks: list[TrainTask], groups: list[list[str]], *, new_folder: bool | None = None
+) -> Submission:
     """Submit to SLURM as job arrays; the manifest lists exactly what sbatch accepted. A refusal is a
-    LaunchError naming sbatch's own message (and how many runs went in before)."""
+    LaunchError naming sbatch's own message (and how many runs went in before); refused outright, a
+    `new_folder` (sweepdir.submitting's word; default: it does not exist yet) is removed again."""
     from .slurm import max_array_size, submit_slurm
 
     ex = slurm_executor_for(plan)
-    new_folder = not plan.folder.exists()
+    if new_folder is None:
+        new_folder = not plan.folder.exists()
     try:
-        chunks, error = submit_slurm(ex, tasks, max_array_size()), None
+        chunks, error = submit_slurm(ex, tasks, max_array_size(), plan.options.max_parallel), None
     except LaunchError as e:
         chunks, error = e.done, e  # type: ignore[attr-defined]
         if not chunks and new_folder:  # refused outright: leave no trace (submitit's script)
@@ -502,7 +509,7 @@ def cancel_sweep(folder: Path) -> Cancelled:
     runs them, so it starts none of the runs still waiting for a slot. A folder may hold both."""
     from .local import stop_local_job, stop_local_sweep
     from .slurm import cancel_jobs
-    from .sweepdir import run_states
+    from .sweepdir import load_manifest, run_states
 
     rows = run_states(folder)
     here = socket.gethostname()
@@ -510,8 +517,13 @@ def cancel_sweep(folder: Path) -> Cancelled:
         r for r in rows if r["executor"] != "slurm" and r["host"] in (here, None) and r["sweep_process"]
         and (r["state"].live or r["state"] == "MISSING")
     ]  # fmt: skip
-    sweeps = sorted({r["sweep_process"] for r in waiting})
-    sweeps = [s.split("@", 1)[0] for s in sweeps if stop_local_sweep(s)]
+    ids = {r["run_id"] for r in waiting}
+    sweeps = {r["sweep_process"] for r in waiting} | {  # and any other local sweep here given one of
+        s["sweep_process"]  # them (two sweeps may share runs: a run's entry names the last one)
+        for s in load_manifest(folder)["submissions"]
+        if s.get("sweep_process") and s.get("host") in (here, None) and ids & set(s["runs"])
+    }
+    sweeps = [s.split("@", 1)[0] for s in sorted(sweeps) if stop_local_sweep(s)]
     live = [r for r in rows if r["job_id"] and r["state"].live]
     slurm = sorted({r["job_id"] for r in live if r["executor"] == "slurm"})
     local, elsewhere, unreachable = [], {}, []

@@ -122,7 +122,9 @@ def run_local(
         if on_event:
             on_event("started", i, job)
 
+    stack = contextlib.ExitStack()
     try:
+        stack.enter_context(terminate_as_interrupt())
         while pending or running:
             while pending and slots:
                 i, task = pending.pop(0)
@@ -154,6 +156,8 @@ def run_local(
                 with contextlib.suppress(Exception):
                     job.cancel(check=False)
         raise
+    finally:
+        stack.close()
     return states
 
 
@@ -174,18 +178,57 @@ def _sigint_held_for_children():
     if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
         yield
         return
-    held: list[int] = []
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        # ignored (a sweep started with `&` by a script): the jobs inherit that, and keep it
+        # (train.stopping_on); a SIGTERM to this process meanwhile (terminate_as_interrupt) is held
+        with _held(signal.SIGTERM):
+            yield
+        return
     # the mask is this thread's (what a child inherits); another thread (rich's refresh) may still take
-    # the signal, so the handler holds it too
-    handler = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+    # the signal, so the handler holds it too; and a SIGTERM to this process, which it makes a Ctrl-C
     mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        with _held(signal.SIGINT), _held(signal.SIGTERM):
+            yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # (one pending here arrives now: held)
+
+
+@contextlib.contextmanager
+def _held(signum: int):
+    """While the block runs, this signal is only noted; its handler (if a Python one) runs after."""
+    import signal
+
+    held: list[int] = []
+    handler = signal.signal(signum, lambda s, frame: held.append(s))
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # (one pending here arrives now: held)
-        signal.signal(signal.SIGINT, handler)
+        signal.signal(signum, handler)
         if held and callable(handler):
-            handler(signal.SIGINT, None)  # Python's default: KeyboardInterrupt, now the block is done
+            handler(signum, None)  # e.g. Python's default for SIGINT: KeyboardInterrupt, now
+
+
+@contextlib.contextmanager
+def terminate_as_interrupt():
+    """While a local sweep runs, SIGTERM to its process (`kill`, `timeout`, a session's end) is a
+    Ctrl-C: its jobs are told to stop (each checkpoints) and waited for, rather than left running
+    without the sweep, and the runs still waiting for a slot never start."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def stop_local_job(job_id: str, log_folder: Path) -> bool:

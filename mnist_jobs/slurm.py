@@ -5,6 +5,7 @@ arrays split by MaxArraySize, the `sinfo` preflight, job states from sacct / squ
 from __future__ import annotations
 
 import contextlib
+import io
 import shutil
 import subprocess
 from dataclasses import dataclass
@@ -99,8 +100,20 @@ def chunks(items: list[Any], size: int | None) -> list[list[Any]]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
-def submit_slurm(executor, tasks: list[TrainTask], max_array: int | None) -> list[list[str]]:
-    """Submit tasks as job arrays (split to fit MaxArraySize); return job ids per chunk.
+def array_chains(n_arrays: int, per_array: int, max_parallel: int | None) -> int:
+    """How many chains a sweep's arrays (split to fit MaxArraySize) run in so that --max-parallel N
+    bounds the tasks running in all of them at once: each array runs at most min(N, its size) at
+    once (`%`), and array k waits (afterany) for array k - chains. Without N, all run at once."""
+    if not max_parallel or n_arrays <= 1:
+        return max(1, n_arrays)
+    return max(1, max_parallel // min(max_parallel, per_array))
+
+
+def submit_slurm(
+    executor, tasks: list[TrainTask], max_array: int | None, max_parallel: int | None = None
+) -> list[list[str]]:
+    """Submit tasks as job arrays (split to fit MaxArraySize, chained so that at most `max_parallel`
+    tasks of them all run at once: `array_chains`); return job ids per chunk.
 
     Each array element is the TrainTask itself (submit_array), so submitit sees a Checkpointable and
     requeues it on timeout / preemption. Raises LaunchError with sbatch's message; chunks already
@@ -109,12 +122,18 @@ def submit_slurm(executor, tasks: list[TrainTask], max_array: int | None) -> lis
     from submitit.core.utils import FailedJobError
 
     submitted: list[list[str]] = []
-    for group in chunks(tasks, max_array):
+    groups = chunks(tasks, max_array)
+    chains = array_chains(len(groups), len(groups[0]), max_parallel)
+    for k, group in enumerate(groups):
+        after = submitted[k - chains][0].split("_")[0] if k >= chains else None
+        executor.update_parameters(dependency=f"afterany:{after}" if after else None)
         try:
-            if len(group) == 1:
-                jobs = [executor.submit(group[0])]
-            else:
-                jobs = executor.submit_array(group)
+            # submitit prints a failing sbatch's stderr too: its one line of it is the error's
+            with contextlib.redirect_stderr(io.StringIO()):
+                if len(group) == 1:
+                    jobs = [executor.submit(group[0])]
+                else:
+                    jobs = executor.submit_array(group)
         except (FailedJobError, subprocess.CalledProcessError, OSError) as e:
             err = LaunchError(_sbatch_message(e))
             err.done = submitted  # type: ignore[attr-defined]
@@ -124,12 +143,14 @@ def submit_slurm(executor, tasks: list[TrainTask], max_array: int | None) -> lis
 
 
 def _sbatch_message(e: BaseException) -> str:
-    text = str(e)
-    for line in text.splitlines():
+    """The line of sbatch's stderr that says what is wrong: its `sbatch: error: ...`, else its first
+    (`sbatch: unrecognized option ...`), never the `Try "sbatch --help"` after it."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    for line in lines:
         if "sbatch: error" in line:
-            return line.strip()
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    return lines[-1] if lines else type(e).__name__
+            return line
+    lines = [ln for ln in lines if not ln.startswith("Try ")]
+    return lines[0] if lines else type(e).__name__
 
 
 @dataclass(frozen=True)

@@ -13,12 +13,13 @@ import enum
 import fcntl
 import json
 import os
+import socket
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 from .checkpoint import checkpoint_path, population_path
-from .claims import result_status, run_is_claimed
+from .claims import claim_holder, result_status, run_is_claimed
 from .config import ConfigError
 from .results import atomic_write_json, git_info, utc_now
 
@@ -40,6 +41,22 @@ def locked(folder: Path) -> Iterator[None]:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
             yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def submitting(folder: Path) -> Iterator[bool]:
+    """One submission at a time into a sweep folder, from planning its runs (plan_runs) to recording
+    its jobs (record_submission), so that a `sweep` of the same runs started meanwhile sees them
+    queued instead of submitting them again. Yields whether the folder is new (a submission refused
+    outright removes it again). Its own lock file: record_submission takes `locked` inside."""
+    new = not folder.exists()
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".submit.lock", "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield new
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
 
@@ -127,9 +144,13 @@ def record_submission(
         now = utc_now()
         manifest.update(executor=executor, grid=grid, slurm=slurm, updated_at=now, **git_info())
         if new_attempt:  # each submission keeps its own grid: concurrent sweeps lose nothing
-            manifest["submissions"].append(
-                {"at": now, "executor": executor, "grid": grid, "runs": sorted(runs)}
-            )
+            entry = {"at": now, "executor": executor, "grid": grid, "runs": sorted(runs)}
+            # a local sweep's process (and host): `cancel` stops every one still running, also
+            # when a concurrent sweep recorded its own over some runs' entries
+            for key in ("host", "sweep_process"):
+                if values := sorted({str(i[key]) for i in runs.values() if i.get(key)}):
+                    entry[key] = values[0]
+            manifest["submissions"].append(entry)
         for run_id, info in runs.items():
             old = manifest["runs"].get(run_id, {})
             if new_attempt:
@@ -155,14 +176,14 @@ def plan_runs(
     folder: Path, run_ids: list[str], *, retry_failed: bool, force: bool
 ) -> tuple[list[str], dict[str, list[str]]]:
     """Which runs to submit, and the skipped ones by reason ('completed', 'failed', 'queued', 'running':
-    training right now in another process, e.g. a concurrent `sweep` into the same folder)."""
+    training right now in another process, e.g. a concurrent `sweep` into the same folder). `force`
+    submits completed and failed runs again, never one that is queued or training: it would only
+    wait for the claim, and lose track of the job that has it."""
     skipped: dict[str, list[str]] = {"completed": [], "failed": [], "queued": [], "running": []}
-    if force:
-        return list(run_ids), skipped
     manifest = read_manifest(folder) or {"runs": {}}
     candidates: list[str] = []
     for run_id in run_ids:
-        status, _ = result_status(folder, run_id)
+        status = None if force else result_status(folder, run_id)[0]
         if run_is_claimed(folder, run_id):
             skipped["running"].append(run_id)
         elif status == "completed":
@@ -279,6 +300,9 @@ def run_states(folder: Path) -> list[dict[str, Any]]:
         no_result = status is None  # (as `sweep` sees it: plan_runs)
         job_id = info.get("job_id")
         slurm = run_id in on_slurm
+        # the job training the run now, from its claim: it wins over whatever the manifest last
+        # recorded (a later submission that found the run claimed, and ended)
+        holder = claim_holder(folder, run_id)
         state = (sched or {}).get(job_id) if job_id and slurm else None
         # A result older than the run's latest submission (--retry-failed, --force) is history: the
         # new job's state counts, even before sacct lists it.
@@ -291,16 +315,25 @@ def run_states(folder: Path) -> list[dict[str, Any]]:
         if stale:
             status, data = None, None
         job = RunState.of_job(state) if state and state not in ("GONE", "UNKNOWN") else None
-        if status in ("completed", "failed"):
+        where = {"executor": run_executor(manifest, info), "host": info.get("host")}
+        note = attempts_note(histories.get(job_id, [])) if job_id else ""
+        if holder is not None:
+            shown = RunState.RUNNING
+            if holder.get("job_id") and holder["job_id"] != job_id:
+                job_id, note = holder["job_id"], ""
+                where = {"executor": holder.get("executor") or where["executor"], "host": holder.get("host")}
+        elif status in ("completed", "failed"):
             shown = RunState(status.upper())
             if status == "failed" and job is not None and job.live:
                 shown = job  # resubmitted after a failure, going again
         elif job is not None:
             shown = job
-        elif status == "running" or (status is None and run_is_claimed(folder, run_id)):
+        elif status == "running":
             shown = RunState.RUNNING
         elif stale:
             shown = RunState.PENDING  # submitted a moment ago, not in sacct yet
+        elif not slurm and status is None and _sweep_alive(info):
+            shown = RunState.PENDING  # waiting for a slot in its local sweep, which still runs here
         elif sched is None and slurm:
             shown = RunState.UNKNOWN
         elif slurm and state != "GONE":
@@ -313,18 +346,31 @@ def run_states(folder: Path) -> list[dict[str, Any]]:
                 "run_id": run_id,
                 "config": info.get("config", {}),
                 "job_id": job_id,
-                "executor": run_executor(manifest, info),
-                "host": info.get("host"),  # a local run's: where its job id (a process) lives
+                "executor": where["executor"],
+                "host": where["host"],  # a local run's: where its job id (a process) lives
                 "sweep_process": info.get("sweep_process"),  # ... and the sweep that runs it there
                 "state": shown,
                 "test_accuracy": acc,
                 "error": (data or {}).get("error", {}) and data["error"].get("message"),
-                "history": attempts_note(histories.get(job_id, [])) if job_id else "",
+                "history": note,
                 # stopped or killed (no result) with a checkpoint: the sweep run again resumes it
                 "resumable": shown.done and no_result and run_id in resumable,
             }
         )
     return rows
+
+
+def _sweep_alive(info: dict[str, Any]) -> bool:
+    """Whether the local sweep process that a run's entry names still runs (on this machine)."""
+    identity, host = info.get("sweep_process"), info.get("host")
+    if not identity or host != socket.gethostname():
+        return False
+    from .local import process_identity
+
+    pid = identity.split("@", 1)[0]
+    if not pid.isdigit() or int(pid) == os.getpid():  # (the sweep itself, asking as it ends)
+        return False
+    return process_identity(int(pid)) == identity
 
 
 def log_paths(folder: Path, job_id: str) -> tuple[Path, Path]:

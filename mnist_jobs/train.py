@@ -130,12 +130,14 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)  # scancel / reque
 def stopping_on(stop: StopFlag, signums: Sequence[int]) -> Iterator[dict[int, Any]]:
     """While the block runs, these signals only ask the training loop to stop (`stop.request`: it
     checkpoints at the next iteration, then raises Interrupted); the previous handlers (submitit's)
-    are restored after, and handed to the block. A signal ignored now (SIGHUP under nohup) stays
-    ignored. Those blocked (a local job's SIGINT, see local.py) are unblocked: held ones arrive now."""
+    are restored after, and handed to the block. A signal ignored now (SIGHUP under nohup, SIGINT in
+    a job of a sweep a script started with `&`) stays ignored. Those blocked (a local job's SIGINT,
+    see local.py) are unblocked: held ones arrive now."""
     if threading.current_thread() is not threading.main_thread():
         yield {}
         return
-    signums = [s for s in signums if s != signal.SIGHUP or signal.getsignal(s) != signal.SIG_IGN]
+    # (SIGTERM is always the stop request: scancel's, the local sweep's)
+    signums = [s for s in signums if s == signal.SIGTERM or signal.getsignal(s) != signal.SIG_IGN]
     previous = {s: signal.signal(s, lambda signum, frame: stop.request(signum)) for s in signums}
     if hasattr(signal, "pthread_sigmask"):
         signal.pthread_sigmask(signal.SIG_UNBLOCK, set(signums))
@@ -549,7 +551,8 @@ def _run(
             mine = per_rank[dist.rank] if len(per_rank) == dist.world_size else per_rank[0]
             ckpt.set_rng_state(mine["rng"], device)
             loop.loss_sum = mine["loss_sum"].to(device)
-            for rec in records:
+            for rec, error in zip(records, saved.get("errors") or [None] * n):
+                rec["error"] = error  # a model diverged before the checkpoint: its error, word for word
                 rec["timings"]["earlier_attempts_s"] = loop.earlier_s
                 rec["started_at"] = saved["started_at"]
                 rec["checkpointing"].update(
@@ -576,6 +579,7 @@ def _run(
                     "population": pop.state_dict(),
                     "per_rank": per_rank,
                     "started_at": records[0]["started_at"],
+                    "errors": [rec["error"] for rec in records],  # (diverged models')
                     "saved_at": utc_now(),
                     "resumes": records[0]["checkpointing"]["resumes"],
                 },

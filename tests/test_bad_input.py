@@ -140,6 +140,13 @@ DRY = ["sweep", "--lr", "0.01", "--partition", "gpu", "--dry-run"]
             "Error: --slurm-opt 'comment=a\\r#SBATCH --uid=0' contains a control character (\\r)",
         ),
         (["--slurm-opt", "=x"], "Error: --slurm-opt must be KEY=VALUE (got '=x')"),
+        # options the launcher writes itself: a second #SBATCH line would win or break the job
+        (["--slurm-opt", "array=0-3"], "Error: --slurm-opt array=0-3: the job array is the sweep's own"),
+        (["--slurm-opt", "partition=cpu"], "Error: --slurm-opt partition=cpu: use --partition instead"),
+        (["--slurm-opt", "--nodes=2"], "Error: --slurm-opt nodes=2: use --nodes instead"),
+        (["--slurm-opt", "time=5"], "Error: --slurm-opt time=5: use --time-min instead"),
+        (["--slurm-opt", "job_name=x"], "Error: --slurm-opt job-name=x: use --name instead"),
+        (["--slurm-opt", "output=o.txt"], "Error: --slurm-opt output=o.txt: the job's logs go to"),
         (
             ["--setup", "echo hi\nrm -rf /"],
             "Error: --setup 'echo hi\\nrm -rf /' contains a control character (\\n)",

@@ -386,12 +386,13 @@ def test_two_concurrent_sweeps_into_one_folder_train_each_run_once(tmp_path):
     assert not list(folder.glob("*.ckpt.pt")) and not list(folder.glob(".*.tmp"))
 
 
-def test_ddp_ranks_share_one_claim(tmp_path):
+def test_ddp_ranks_share_one_claim(tmp_path, monkeypatch):
     """A 2-rank DDP job: rank 0 claims and the other rank trains what it admitted. With the run
     claimed elsewhere (here, by this test process) both ranks skip it and exit cleanly, nothing
     written; unclaimed, the job trains it. No decision file is left behind either way."""
     from typer.testing import CliRunner
 
+    from mnist_jobs import sweepdir
     from mnist_jobs.cli import app
 
     args = ["train", "--tasks-per-node", "2", "--device", "cpu", "--iters", "50", "--eval-every", "25"]
@@ -401,7 +402,13 @@ def test_ddp_ranks_share_one_claim(tmp_path):
     runner = CliRunner()
     with claim_run(folder, run_id) as mine:
         assert mine
-        res = runner.invoke(app, args)
+        res = runner.invoke(app, args)  # the planner sees the claim: nothing is submitted
+        assert "1 run(s) already running (in another process): skipped" in res.output, res.output
+        assert "nothing to submit" in res.output and not (folder / "logs").exists()
+        # the claim taken between planning and the job's start (a race): the job sees it
+        with monkeypatch.context() as m:
+            m.setattr(sweepdir, "run_is_claimed", lambda folder, run_id: False)
+            res = runner.invoke(app, args)
         assert res.exit_code == 0, res.output
         assert f"{run_id}: being trained by another process, not here" in res.output
         assert "1 task(s) completed, 0 failed" in res.output

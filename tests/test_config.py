@@ -2,7 +2,9 @@ import re
 import unicodedata
 
 import pytest
+from typer.testing import CliRunner
 
+from mnist_jobs.cli import app
 from mnist_jobs.config import (
     ConfigError,
     SlurmConfig,
@@ -257,3 +259,13 @@ def test_check_no_control_is_usable_for_other_options():
     with pytest.raises(ConfigError) as e:
         check_no_control("--name", "x\n#SBATCH --uid=0")
     assert str(e.value) == "--name 'x\\n#SBATCH --uid=0' contains a control character (\\n)"
+
+
+def test_momentum_with_adam_is_refused_rather_than_a_second_run_id_for_the_same_run():
+    """Adam takes no momentum: two configs differing in it would train the same run twice under two
+    run ids (and `report` would show them as two configurations)."""
+    with pytest.raises(ConfigError, match="--momentum 0.9 has no effect with --optimizer adam"):
+        TrainConfig(optimizer="adam", momentum=0.9)
+    assert TrainConfig(optimizer="adam", momentum=0.0).momentum == 0.0
+    res = CliRunner().invoke(app, ["sweep", "--optimizer", "sgd,adam", "--momentum", "0,0.9", "--dry-run"])
+    assert res.exit_code == 2 and res.output.startswith("Error: --momentum 0.9 has no effect"), res.output

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -30,7 +31,7 @@ from mnist_jobs.checkpoint import SUFFIX
 from mnist_jobs.cli import app
 from mnist_jobs.config import TrainConfig
 from mnist_jobs.grid import sweep_run_id
-from mnist_jobs.sweepdir import read_manifest, scan
+from mnist_jobs.sweepdir import read_manifest, run_states, scan
 from mnist_jobs.train import train_pack
 
 REPO = Path(__file__).resolve().parent.parent
@@ -206,7 +207,10 @@ def test_stopped_killed_and_swept_again_equals_uninterrupted(tmp_path, case, uni
     assert termed_at < killed_at < iters and killed_at % every == 0
     status = CliRunner().invoke(app, ["status", "m", "--results-dir", str(tmp_path)])
     n = len(configs(case))
-    assert f"{n} run(s) stopped with a checkpoint: the same `mnist-jobs sweep` again" in status.output
+    assert (
+        f"{n} run(s) stopped with a checkpoint: the same `mnist-jobs sweep` (or `train`) again"
+        in status.output
+    )
 
     # a killed DDP job leaves rank 0's decision for its ranks (.<run>.admit-<job>.<attempt>): made an
     # hour and more old here, the next DDP job's rank 0 removes it
@@ -400,6 +404,98 @@ def test_cancel_of_a_local_sweep_also_stops_the_runs_still_waiting_for_a_slot(tm
     assert recs[stopped]["checkpointing"]["resumed_from_iteration"] is not None
     [other] = set(recs) - {stopped}
     assert recs[other]["checkpointing"]["resumed_from_iteration"] is None
+
+
+def test_status_and_cancel_find_the_job_that_trains_a_run_when_a_second_sweep_recorded_it(tmp_path):
+    """A second sweep of the same run that planned it before the first's job claimed it (a race: its
+    planner is blinded here) records its own job for the run; that job finds the claim and ends. The
+    run's claim names the job that trains it: `status` shows that job RUNNING, and `cancel` stops
+    it (it checkpoints), not the job the manifest recorded last."""
+    from mnist_jobs.claims import claim_holder
+
+    grid = ["--lr", "0.05", "--iters", "40000", "--eval-every", "20000", "--device", "cpu"]
+    args = ["sweep", *grid, "--checkpoint-every", "500", "--name", "race", "--results-dir", str(tmp_path)]
+    folder, run_id = (
+        tmp_path / "race",
+        sweep_run_id(TrainConfig(lr=0.05, iters=40000, eval_every=20000, device="cpu")),
+    )
+    first = subprocess.Popen([sys.executable, "-m", "mnist_jobs", *args], stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, cwd=REPO, start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not (holder := claim_holder(folder, run_id) or {}).get("job_id"):  # (its note is written)
+            assert first.poll() is None and time.monotonic() < deadline, first.communicate()[0]
+            time.sleep(0.01)
+        trainer = holder["job_id"]
+        assert holder["executor"] == "local" and holder["pid"] in workers(folder), holder
+        blind = (
+            "from mnist_jobs import cli, sweepdir; sweepdir.run_is_claimed = lambda f, r: False; cli.app()"
+        )
+        second = subprocess.run([sys.executable, "-c", blind, *args], capture_output=True, text=True,
+                                cwd=REPO, timeout=120, env={**os.environ, "COLUMNS": "200"})  # fmt: skip
+        assert "being trained by another process, not here" in second.stdout, second.stdout + second.stderr
+        recorded = read_manifest(folder)["runs"][run_id]["job_id"]
+        assert recorded != trainer  # the manifest names the second sweep's job, which ended
+        status = CliRunner().invoke(app, ["status", "race", "--results-dir", str(tmp_path)],
+                                    env={"COLUMNS": "200"})  # fmt: skip
+        assert re.search(rf"{run_id}[\s│]+{trainer}[\s│]+RUNNING", status.output), status.output
+        said = CliRunner().invoke(app, ["cancel", "race", "--results-dir", str(tmp_path)])
+        assert f"stopped 1 local job(s): {trainer} " in said.output, said.output
+        out = first.communicate(timeout=120)[0]
+    finally:
+        first.kill()
+    assert first.returncode == 130 and "1 run(s) stopped with a checkpoint" in out, out
+    assert not results_of(folder) and list(folder.glob(f"*{SUFFIX}"))
+
+
+def test_sigterm_to_a_local_sweep_process_is_a_ctrl_c(tmp_path):
+    """`kill <sweep pid>` (or `timeout`) signals the sweep process alone, not its jobs: it stops them as
+    Ctrl-C does (each checkpoints), starts none of the runs waiting for a slot, and exits as
+    interrupted; meanwhile `status` shows the waiting run PENDING (its sweep still runs), not MISSING."""
+    grid = ["--lr", "0.05,0.1", "--iters", "8000", "--eval-every", "2000", "--momentum", "0.9"]
+    cmd = [sys.executable, "-m", "mnist_jobs", "sweep", *grid, "--device", "cpu", "--checkpoint-every", "500",
+           "--max-parallel", "1", "--name", "two", "--results-dir", str(tmp_path)]  # fmt: skip
+    folder = tmp_path / "two"
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
+                            start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not list(folder.glob(f"*{SUFFIX}")):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
+            time.sleep(0.01)
+        states = sorted(str(r["state"]) for r in run_states(folder))
+        assert states == ["PENDING", "RUNNING"], states
+        os.kill(proc.pid, signal.SIGTERM)
+        out = proc.communicate(timeout=120)[0]
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and "interrupted\n1 run(s) stopped with a checkpoint" in out, out
+    assert not workers(folder) and not results_of(folder)
+    assert len(list((folder / "logs").glob("*_submitted.pkl"))) == 1  # the second was never started
+    assert sorted(str(r["state"]) for r in run_states(folder)) == ["MISSING", "MISSING"]
+
+
+def test_a_sweep_ignoring_sigint_trains_on_through_a_ctrl_c(tmp_path):
+    """A sweep a script started with `&` has SIGINT ignored: a Ctrl-C to the terminal's process group
+    stops nothing, neither the sweep nor its jobs (they keep it ignored), and the sweep completes; it
+    never reports stopped runs as failed."""
+    cmd = sweep_cmd("logreg-lone", tmp_path)
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO, start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not list((tmp_path / "m").glob(f"*{SUFFIX}")):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
+            time.sleep(0.01)
+        os.killpg(proc.pid, signal.SIGINT)
+        out = proc.communicate(timeout=120)[0]
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, out
+    [rec] = results_of(tmp_path / "m").values()
+    assert rec["status"] == "completed" and rec["checkpointing"]["resumes"] == 0
 
 
 def test_a_nohup_sweep_trains_on_through_a_hangup(tmp_path):

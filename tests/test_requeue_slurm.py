@@ -417,7 +417,9 @@ def test_packed_sweep_killed_resumes_at_the_next_sweep(cluster, results, pack_re
     saved = state["loop"]["iteration"]
     assert saved % 1000 == 0 and state["run_ids"] == PACK_IDS  # the last periodic checkpoint
     status = runner.invoke(app, ["status", "pack-kill9", "--results-dir", str(results)])
-    assert "3 run(s) stopped with a checkpoint: the same `mnist-jobs sweep` again" in status.output
+    assert (
+        "3 run(s) stopped with a checkpoint: the same `mnist-jobs sweep` (or `train`) again" in status.output
+    )
 
     # meanwhile its second run is completed elsewhere: swept alone into the folder (from scratch)
     done_elsewhere = PACK_IDS[1]

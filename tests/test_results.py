@@ -190,3 +190,28 @@ def test_a_pack_marks_only_its_diverged_model(tmp_path):
         lone["metrics"]["test_accuracy"], abs=0.1
     )
     assert on_disk["good"]["metrics"]["test_accuracy"] > 80
+
+
+def test_a_diverged_run_resumed_after_its_divergence_keeps_its_error_word_for_word(tmp_path):
+    """A pack stopped (and checkpointed) after one of its models diverged, then resumed: that model's
+    failed record says what the uninterrupted run's says, not a vaguer sentence."""
+    from mnist_jobs.config import TrainConfig
+    from mnist_jobs.train import Interrupted, StopFlag, train_pack
+
+    good = TrainConfig(lr=0.1, iters=300, eval_every=100, device="cpu")
+    bad = TrainConfig(iters=300, eval_every=100, device="cpu", **DIVERGING)
+    ids = ["good", "bad"]
+    straight = train_pack([good, bad], results_dir=tmp_path / "a", run_ids=ids, progress=lambda p: None)
+    stop = StopFlag()
+
+    def stop_after_the_divergence(p) -> None:
+        if p.iteration >= 150:
+            stop.request()
+
+    with pytest.raises(Interrupted):
+        train_pack([good, bad], results_dir=tmp_path / "b", run_ids=ids, stop=stop,
+                   progress=stop_after_the_divergence)  # fmt: skip
+    resumed = train_pack([good, bad], results_dir=tmp_path / "b", run_ids=ids, progress=lambda p: None)
+    assert resumed[1]["checkpointing"]["resumes"] == 1
+    assert resumed[1]["error"]["message"] == straight[1]["error"]["message"], resumed[1]["error"]
+    assert "train loss became" in resumed[1]["error"]["message"]

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from mnist_jobs import checkpoint as ckpt
 from mnist_jobs.cli import app
 from mnist_jobs.config import ConfigError, TrainConfig
-from mnist_jobs.grid import sweep_run_id
+from mnist_jobs.grid import expand_grid, sweep_run_id
 from mnist_jobs.launch import SweepOptions
 
 runner = CliRunner()
@@ -54,6 +54,24 @@ def test_readme_toml_slurm_table_decides_the_executor(tmp_path):
         training={}, slurm={}, config_file=path, executor="local", results_dir=tmp_path / "r"
     )
     assert local.executor == "local"
+
+
+@pytest.mark.parametrize(("in_file", "on_cli"), [("epochs = 5", "--iters"), ("iters = 3000", "--epochs")])
+def test_iters_or_epochs_on_the_command_line_overrides_the_other_in_the_file(tmp_path, in_file, on_cli):
+    """They say one thing two ways: a file's `epochs = 5` with --iters 200 (a quick try of the file)
+    trains 200 iterations rather than refusing both; in the file alone, both still are refused."""
+    path = tmp_path / "s.toml"
+    path.write_text(f"lr = [0.1, 0.2]\n{in_file}\n")
+    res = runner.invoke(app, ["sweep", "--config", str(path), on_cli, "2", "--dry-run",
+                              "--results-dir", str(tmp_path / "r")])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    key = on_cli.removeprefix("--")
+    opts = SweepOptions.from_sources(training={key: "2"}, slurm={}, config_file=path, results_dir=tmp_path)
+    [iters] = {c.iters for c in expand_grid(opts.grid)}
+    assert iters == (2 if key == "iters" else 2 * 600)
+    path.write_text("lr = [0.1]\niters = 10\nepochs = 1\n")
+    res = runner.invoke(app, ["sweep", "--config", str(path), "--dry-run", "--results-dir", str(tmp_path)])
+    assert res.exit_code == 2 and "not both" in res.output, res.output
 
 
 @pytest.mark.parametrize(

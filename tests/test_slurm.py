@@ -17,6 +17,7 @@ import torch
 from conftest import wait_done
 from typer.testing import CliRunner
 
+from mnist_jobs.claims import run_is_claimed
 from mnist_jobs.cli import app
 from mnist_jobs.slurm import max_array_size
 from mnist_jobs.sweepdir import read_manifest, run_states
@@ -107,12 +108,51 @@ def test_cancel_a_long_job(cluster, results):
     while run_states(folder)[0]["state"] != "RUNNING":
         assert time.monotonic() < deadline, run_states(folder)
         time.sleep(0.5)
+    job_id = run_states(folder)[0]["job_id"]
+    while not run_is_claimed(folder, run_states(folder)[0]["run_id"]):  # its task has started
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    # the same command again (train on SLURM always reruns, as --force): the run is training, so
+    # nothing is submitted, and the job that trains it stays the one status and cancel know
+    again = runner.invoke(app, ["train", "--iters", "1000000", "--device", "cpu", "--partition", "gpu",
+                                "--results-dir", str(results)])  # fmt: skip
+    assert "1 run(s) already running (in another process): skipped" in again.output, again.output
+    assert "nothing to submit" in again.output and len(read_manifest(folder)["submissions"]) == 1
+    assert run_states(folder)[0]["job_id"] == job_id
     out = runner.invoke(app, ["cancel", folder.name, "--results-dir", str(results)])
-    assert out.exit_code == 0 and "cancelled 1 job(s)" in out.output
+    assert out.exit_code == 0 and f"cancelled 1 job(s): {job_id}" in out.output
     wait_sacct(run_states(folder)[0]["job_id"], "CANCELLED")
     assert wait_done(folder, 60)[0]["state"] in ("CANCELLED", "FAILED")
     out = runner.invoke(app, ["cancel", folder.name, "--results-dir", str(results)])
     assert "nothing to cancel" in out.output
+
+
+def test_two_identical_sweeps_submitted_at_once_submit_each_run_once(cluster, results):
+    """Two `sweep`s of the same grid started together (a script run twice): one submits, and the other,
+    planning once the first has recorded its jobs, finds them queued and submits nothing, --force or
+    not. (Held with begin=now+1hour: nothing trains.)"""
+    import os
+    import sys
+
+    cmd = [sys.executable, "-m", "mnist_jobs", "sweep", *FAST, "--lr", "0.01,0.02", "--partition", "gpu",
+           "--slurm-opt", "begin=now+1hour", "--name", "twice", "--results-dir", str(results)]  # fmt: skip
+    env = {**os.environ, "COLUMNS": "200"}
+    procs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+             for c in (cmd, [*cmd, "--force"])]  # fmt: skip
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    folder = results / "twice"
+    try:
+        manifest = read_manifest(folder)
+        assert len(manifest["submissions"]) == 1, outs
+        assert sum("submitted 2 run(s)" in o for o in outs) == 1, outs
+        assert sum("2 run(s) already queued: skipped" in o for o in outs) == 1, outs
+        [job] = {i["job_id"].split("_")[0] for i in manifest["runs"].values()}
+        queued = subprocess.run(["squeue", "-h", "-o", "%i", "-j", job], capture_output=True, text=True)
+        assert len(queued.stdout.split()) >= 1 and {r["state"] for r in run_states(folder)} == {"PENDING"}
+    finally:
+        out = runner.invoke(app, ["cancel", "twice", "--results-dir", str(results)])
+    assert "cancelled 2 job(s)" in out.output, out.output
 
 
 def test_a_folder_with_slurm_and_local_runs_treats_each_run_by_its_own_executor(cluster, results):
@@ -174,6 +214,36 @@ def test_grid_larger_than_max_array_size_is_split(cluster, results):
     assert len(arrays) == 2
     rows = wait_done(results / "split", 300)
     assert len(rows) == n and all(r["state"] == "COMPLETED" for r in rows)
+
+
+def test_max_parallel_bounds_the_runs_of_every_array_at_once(cluster, results):
+    """A grid split into several arrays (MaxArraySize) with --max-parallel 2: the arrays are chained
+    (the second waits for the first: afterany), so never more than 2 of its tasks run at once; the
+    dry run says so."""
+    limit = max_array_size()
+    n = limit + 2
+    args = ["sweep", "--seed", ",".join(map(str, range(n))), "--iters", "3000", "--eval-every", "3000",
+            "--device", "cpu", "--partition", "gpu", "--max-parallel", "2", "--name", "capped",
+            "--results-dir", str(results)]  # fmt: skip
+    dry = runner.invoke(app, [*args, "--dry-run"])
+    assert "2 arrays, chained: each starts when the one before it has ended, so at most 2" in dry.output
+    assert f"#SBATCH --array=0-{limit - 1}%2" in dry.output
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    folder = results / "capped"
+    first, second = sorted(
+        {r["job_id"].split("_")[0] for r in read_manifest(folder)["runs"].values()}, key=int
+    )
+    shown = subprocess.run(["scontrol", "show", "job", second], capture_output=True, text=True).stdout
+    assert f"Dependency=afterany:{first}" in shown, shown
+    most, deadline = 0, time.monotonic() + 300
+    while not all(r["state"].done for r in run_states(folder)):
+        running = subprocess.run(["squeue", "-h", "-t", "R", "-n", "capped", "-o", "%i"],
+                                 capture_output=True, text=True).stdout.split()  # fmt: skip
+        most = max(most, len(running))
+        assert most <= 2 and time.monotonic() < deadline, running
+        time.sleep(0.2)
+    assert all(r["state"] == "COMPLETED" for r in run_states(folder)) and most >= 1
 
 
 def test_ddp_job_runs_as_two_slurm_tasks(cluster, results):
@@ -276,6 +346,8 @@ def _error_lines(output: str) -> list[str]:
             ["--constraint", "nosuchfeature"],
             "sbatch refused the submission: sbatch: error: Batch job submission failed: Invalid feature",
         ),
+        # an option sbatch does not know: its own first line, not its `Try "sbatch --help"`
+        (["--slurm-opt", "bogus-opt=1"], "sbatch refused the submission: sbatch: unrecognized option"),
     ],
 )
 def test_sbatch_refusal_is_one_line_and_nothing_recorded(cluster, results, extra, needle):
@@ -297,6 +369,8 @@ def test_sbatch_refusal_is_one_line_and_nothing_recorded(cluster, results, extra
     )
     assert res.exit_code == 2
     assert len(_error_lines(res.output)) == 1 and needle in _error_lines(res.output)[0], res.output
+    said = [ln for ln in res.output.splitlines() if not ln.startswith(("sweep bad:", "Warning: results dir"))]
+    assert said == _error_lines(res.output), res.output  # nothing of sbatch's own around it
     assert "Traceback" not in res.output
     assert read_manifest(results / "bad") is None
     assert not [p for p in results.rglob("*") if p.is_file()]  # nothing written, nothing submitted
