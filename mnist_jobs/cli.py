@@ -468,9 +468,12 @@ def _launch(opts, *, dry_run: bool, wait: bool, name: str | None = None) -> None
                 f"Warning: results dir {opts.results_dir} is under /tmp: compute nodes may not see it",
                 err=True,
             )
-        launch.preflight(plan)
+        todo, skipped = plan.todo()
+        if todo:  # (a sweep with nothing left to do says so, even where SLURM is not installed)
+            launch.preflight(plan)
         with submitting(plan.folder) as new_folder:  # (a concurrent sweep sees these runs queued)
-            todo, skipped = plan.todo()
+            if todo:
+                todo, skipped = plan.todo()
             _print_skipped(console, skipped)
             if not todo:
                 console.print("nothing to submit")
@@ -492,10 +495,11 @@ def _launch(opts, *, dry_run: bool, wait: bool, name: str | None = None) -> None
     )
     console.print(f"  results: {plan.folder}/   logs: {plan.folder / LOG_DIR}/")
     console.print(f"  follow:  mnist-jobs status {plan.name} --results-dir {opts.results_dir}")
-    if wait:  # as a local sweep does: exit 1 unless every run completed (`sweep --wait && report`)
+    if wait:  # as a local sweep does: exit 1 unless every run it submitted completed (`... && report`)
+        mine = {r for g in groups for r in g}
         rows = _follow(console, plan.folder)
-        if not_done := [r for r in rows if r["state"] != "COMPLETED"]:
-            typer.echo(f"{len(not_done)} run(s) did not complete", err=True)
+        if not_done := [r for r in rows if r["run_id"] in mine and r["state"] != "COMPLETED"]:
+            typer.echo(f"{len(not_done)} run(s) submitted did not complete", err=True)
             raise typer.Exit(1)
 
 
@@ -739,6 +743,13 @@ def _status_table(name: str, rows: list[dict[str, Any]]):
     history = any(r.get("history") for r in rows)  # earlier attempts: node failure, requeue
     if history:
         table.add_column("earlier attempts")
+
+    def why(r: dict[str, Any]) -> str:  # a failed run's error, first line (`logs` has the rest)
+        return (str(r.get("error") or "").splitlines() or [""])[0][:80] if r["state"] == "FAILED" else ""
+
+    errors = any(why(r) for r in rows)
+    if errors:
+        table.add_column("error")
     for r in rows:
         acc = f"{r['test_accuracy']:.2f}" if r["test_accuracy"] is not None else ""
         c = colours.get(r["state"], "white")
@@ -749,6 +760,7 @@ def _status_table(name: str, rows: list[dict[str, Any]]):
             f"[{c}]{r['state']}[/]",
             acc,
             *([r.get("history") or ""] if history else []),
+            *([why(r)] if errors else []),
         )
     return table
 
@@ -799,6 +811,8 @@ def status(
 
     console = Console()
     if name is None:
+        if not results_dir.is_dir():  # (a mistyped --results-dir is not an empty list of sweeps)
+            fail(f"no folder {results_dir}: no sweeps there (--results-dir names where they are)")
         table = Table(title=f"sweeps under {results_dir}")
         for col in ("name", "executor", "runs", "completed", "failed", "updated"):
             table.add_column(col)
@@ -842,6 +856,9 @@ def logs(
     follow: Annotated[
         bool, typer.Option("--follow", "-f", help="Keep printing new output until the job ends.")
     ] = False,
+    task: Annotated[
+        int, typer.Option("--task", min=0, help="The job's task whose output to print (a DDP rank).")
+    ] = 0,
 ) -> None:
     """Print a run's stdout and stderr (from its SLURM/local job)."""
     from .sweepdir import ManifestError, RunState, load_manifest, log_paths, run_states
@@ -855,11 +872,15 @@ def logs(
     match = [r for r in ids if run is None or r.startswith(run)]
     if not match:
         fail(f"no run {run!r} in sweep {name!r} (runs: {', '.join(ids[:5])}{'…' if len(ids) > 5 else ''})")
-    run_id = match[0]
+    if run is not None and run not in match and len(match) > 1:
+        some = ", ".join(match[:5]) + ("…" if len(match) > 5 else "")
+        fail(f"{run!r} is the start of {len(match)} runs of sweep {name!r} ({some}): give more of it")
+    run_id = run if run in match else match[0]
     job_id = manifest["runs"][run_id].get("job_id")
     if not job_id:
         fail(f"run {run_id} has no job id yet (local runs keep logs under {folder}/logs)")
-    out, err = log_paths(folder, job_id)
+    out, err = log_paths(folder, job_id, task)
+    printed = False
     positions = {out: 0, err: 0}
     while True:
         for path, label in ((out, "stdout"), (err, "stderr")):
@@ -869,12 +890,15 @@ def logs(
                     text = f.read()
                     positions[path] = f.tell()
                 if text:
+                    printed = True
                     typer.echo(f"==> {label}: {path} <==" if not follow else text, nl=not follow)
                     if not follow:
                         typer.echo(text)
         if not follow:
             if not out.exists() and not err.exists():
-                typer.echo(f"no log yet for {run_id} (job {job_id}): expected {out}")
+                typer.echo(f"no log yet for {run_id} (job {job_id}, task {task}): expected {out}")
+            elif not printed:  # (a job killed before its first line: a failing --setup, say)
+                typer.echo(f"the logs of {run_id} (job {job_id}, task {task}) are empty: {out}, {err.name}")
             return
         state = next((r["state"] for r in run_states(folder) if r["run_id"] == run_id), RunState.MISSING)
         if RunState(state).done:

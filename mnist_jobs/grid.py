@@ -321,5 +321,16 @@ def sweep_run_id(config: TrainConfig) -> str:
     return f"{config.model}-{config.config_id()}"
 
 
-def default_sweep_name(run_ids: list[str]) -> str:
-    return "sweep-" + hashlib.sha256(",".join(sorted(run_ids)).encode()).hexdigest()[:8]
+def default_sweep_name(
+    run_ids: list[str], grid: dict[str, list[Any]] | None = None, search: Search | None = None
+) -> str:
+    """The folder name of a sweep given no --name: a hash of its runs; a random search's, of what it
+    draws from (distributions, search seed, listed options) but not of how many points, so
+    `--samples 30` after `--samples 20` goes to the same folder and trains only the 10 new points."""
+    if search is None:
+        key = ",".join(sorted(run_ids))
+    else:
+        drawn = ",".join(f"{d.name}={d.spec()}" for d in search.space)
+        listed = ";".join(f"{k}={','.join(map(repr, v))}" for k, v in sorted((grid or {}).items()))
+        key = f"search {drawn} seed={search.seed} {listed}"
+    return "sweep-" + hashlib.sha256(key.encode()).hexdigest()[:8]

@@ -248,7 +248,7 @@ def make_plan(opts: SweepOptions, *, name: str | None = None) -> Plan:
         raise ConfigError(f"the grid has {size:,} runs (more than {MAX_GRID:,}); pass --yes to run it anyway")
     configs = expand_grid(opts.grid, opts.search)
     run_ids = [sweep_run_id(c) for c in configs]
-    name = name or opts.name or default_sweep_name(run_ids)
+    name = name or opts.name or default_sweep_name(run_ids, opts.grid, opts.search)
     check_sweep_name(name)
     plan = Plan(options=opts, configs=configs, run_ids=run_ids, name=name)
     check_gpus_for_tasks(plan)

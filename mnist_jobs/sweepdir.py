@@ -373,8 +373,9 @@ def _sweep_alive(info: dict[str, Any]) -> bool:
     return process_identity(int(pid)) == identity
 
 
-def log_paths(folder: Path, job_id: str) -> tuple[Path, Path]:
+def log_paths(folder: Path, job_id: str, task: int = 0) -> tuple[Path, Path]:
+    """A job's stdout and stderr files: its task `task`'s (a DDP job has one per rank)."""
     from submitit.core.utils import JobPaths
 
-    paths = JobPaths(folder / LOG_DIR, job_id=job_id, task_id=0)
+    paths = JobPaths(folder / LOG_DIR, job_id=job_id, task_id=task)
     return paths.stdout, paths.stderr

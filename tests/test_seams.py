@@ -182,6 +182,10 @@ def test_a_pack_with_one_diverged_run_fails_the_local_sweep(tmp_path):
     assert sorted(r["status"] for r in recs) == ["completed", "failed"]
     [bad] = [r for r in recs if r["status"] == "failed"]
     assert bad["error"]["type"] == "Diverged" and bad["config"]["lr"] == 100
+    # status says why, in a column of its own
+    status = runner.invoke(app, ["status", "div", "--results-dir", str(tmp_path)], env={"COLUMNS": "250"})
+    [line] = [ln for ln in status.output.splitlines() if bad["run_id"] in ln]
+    assert "FAILED" in line and "train loss became NaN at iteration 30" in line, status.output
 
 
 def test_a_local_job_starts_with_sigint_held_and_a_ctrl_c_meanwhile_is_not_lost():

@@ -274,3 +274,20 @@ def test_train_given_a_distribution_points_to_the_random_search(tmp_path):
         "a distribution is for a random search: mnist-jobs sweep --lr loguniform:1e-4:1e-2 --samples N"
         in line
     )
+
+
+def test_more_samples_without_a_name_go_to_the_same_sweep_and_train_only_the_new_points(tmp_path):
+    """A random search's default folder is named after what it draws from, not how many points: the
+    same search with --samples 3 after --samples 2 finds the 2 completed runs and trains 1; another
+    search seed (other points) is another sweep."""
+    args = ["sweep", "--lr", "loguniform:0.01:0.1", "--iters", "20", "--eval-every", "10", "--device", "cpu",
+            "--results-dir", str(tmp_path)]  # fmt: skip
+    first = CliRunner().invoke(app, [*args, "--samples", "2"])
+    assert first.exit_code == 0, first.output
+    more = CliRunner().invoke(app, [*args, "--samples", "3"])
+    assert more.exit_code == 0, more.output
+    assert "2 run(s) already completed: skipped" in more.output and "running 1 run(s) here" in more.output
+    [folder] = [p.parent for p in tmp_path.glob("*/sweep.json")]
+    assert len(read_manifest(folder)["runs"]) == 3
+    other = CliRunner().invoke(app, [*args, "--samples", "2", "--search-seed", "1", "--dry-run"])
+    assert folder.name not in other.output.splitlines()[0], other.output

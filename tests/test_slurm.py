@@ -87,6 +87,18 @@ def test_sweep_on_slurm_end_to_end(cluster, results):
     assert read_manifest(results / "local" / "lr")["executor"] == "local"
 
 
+def test_wait_exits_1_when_a_run_it_submitted_did_not_complete(cluster, results):
+    """`sweep --wait` ends as a local sweep does: exit 1 when a run it submitted failed (here its job's
+    --setup fails before training), so `sweep --wait && report` stops; its empty logs say so."""
+    args = ["sweep", "--lr", "0.01", *FAST, "--partition", "gpu", "--setup", "exit 3", "--name", "wf",
+            "--results-dir", str(results)]  # fmt: skip
+    res = runner.invoke(app, [*args, "--wait"])
+    assert res.exit_code == 1 and "1 run(s) submitted did not complete" in res.output, res.output
+    assert [r["state"] for r in run_states(results / "wf")] == ["FAILED"]
+    said = runner.invoke(app, ["logs", "wf", "--results-dir", str(results)])
+    assert said.exit_code == 0 and "are empty" in said.output, said.output
+
+
 def test_cancel_a_long_job(cluster, results):
     res = runner.invoke(
         app,
@@ -184,45 +196,14 @@ def test_a_folder_with_slurm_and_local_runs_treats_each_run_by_its_own_executor(
     assert not (folder / f"{slurm_run}.json").exists()
 
 
-def test_grid_larger_than_max_array_size_is_split(cluster, results):
+def test_max_parallel_bounds_the_runs_of_every_array_at_once(cluster, results):
+    """A grid larger than MaxArraySize is split into several arrays; with --max-parallel 2 they are
+    chained (the second waits for the first: afterany), so never more than 2 of its tasks run at once;
+    the dry run says so. Every run completes."""
     limit = max_array_size()
     assert limit and limit < 10, "the test cluster sets a small MaxArraySize"
     n = limit + 2
-    seeds = ",".join(str(i) for i in range(n))
-    res = runner.invoke(
-        app,
-        [
-            "sweep",
-            "--seed",
-            seeds,
-            "--iters",
-            "10",
-            "--eval-every",
-            "10",
-            "--device",
-            "cpu",
-            "--partition",
-            "gpu",
-            "--name",
-            "split",
-            "--results-dir",
-            str(results),
-        ],
-    )
-    assert res.exit_code == 0, res.output
-    arrays = {r["job_id"].split("_")[0] for r in read_manifest(results / "split")["runs"].values()}
-    assert len(arrays) == 2
-    rows = wait_done(results / "split", 300)
-    assert len(rows) == n and all(r["state"] == "COMPLETED" for r in rows)
-
-
-def test_max_parallel_bounds_the_runs_of_every_array_at_once(cluster, results):
-    """A grid split into several arrays (MaxArraySize) with --max-parallel 2: the arrays are chained
-    (the second waits for the first: afterany), so never more than 2 of its tasks run at once; the
-    dry run says so."""
-    limit = max_array_size()
-    n = limit + 2
-    args = ["sweep", "--seed", ",".join(map(str, range(n))), "--iters", "3000", "--eval-every", "3000",
+    args = ["sweep", "--seed", ",".join(map(str, range(n))), "--iters", "10", "--eval-every", "10",
             "--device", "cpu", "--partition", "gpu", "--max-parallel", "2", "--name", "capped",
             "--results-dir", str(results)]  # fmt: skip
     dry = runner.invoke(app, [*args, "--dry-run"])
@@ -243,7 +224,8 @@ def test_max_parallel_bounds_the_runs_of_every_array_at_once(cluster, results):
         most = max(most, len(running))
         assert most <= 2 and time.monotonic() < deadline, running
         time.sleep(0.2)
-    assert all(r["state"] == "COMPLETED" for r in run_states(folder)) and most >= 1
+    rows = run_states(folder)
+    assert len(rows) == n and all(r["state"] == "COMPLETED" for r in rows) and most >= 1
 
 
 def test_ddp_job_runs_as_two_slurm_tasks(cluster, results):

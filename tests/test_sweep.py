@@ -1,4 +1,5 @@
 import json
+import os
 import re
 import subprocess
 import sys
@@ -209,15 +210,47 @@ def test_status_and_logs_of_unknown_sweep(tmp_path):
     assert res.exit_code == 2 and "no sweep named 'nope'" in res.output
     res = runner.invoke(app, ["status", "--results-dir", str(tmp_path)])
     assert res.exit_code == 0
+    res = runner.invoke(app, ["status", "--results-dir", str(tmp_path / "typo")])
+    assert res.exit_code == 2 and res.output.startswith(f"Error: no folder {tmp_path / 'typo'}"), res.output
+
+
+def test_logs_of_a_run_by_id_prefix_and_task(tmp_path):
+    """`logs` takes a run id or a prefix of one: an exact id, or a prefix of one run, prints that run's
+    logs; a prefix of several names them (exit 2) rather than picking one; --task picks a task (a DDP
+    rank) of the job; empty log files are said to be empty, not printed as nothing."""
+    res = runner.invoke(app, ["sweep", "--lr", "0.01,0.02", "--iters", "20", "--eval-every", "10",
+                              "--device", "cpu", "--name", "two", "--results-dir", str(tmp_path)])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    ids = sorted(read_manifest(tmp_path / "two")["runs"])
+    common = ["--results-dir", str(tmp_path)]
+    res = runner.invoke(app, ["logs", "two", "logreg-", *common])
+    assert res.exit_code == 2 and "'logreg-' is the start of 2 runs of sweep 'two' (" in res.output
+    assert all(i in res.output for i in ids) and res.output.count("\n") == 1, res.output
+    for run in (ids[1], ids[1][:-2]):
+        res = runner.invoke(app, ["logs", "two", run, *common])
+        assert res.exit_code == 0 and "==> stdout" in res.output and "iter 20/20" in res.output, res.output
+    res = runner.invoke(app, ["logs", "two", ids[1], "--task", "1", *common])
+    assert res.exit_code == 0 and f"no log yet for {ids[1]}" in res.output and "task 1" in res.output
+    job = read_manifest(tmp_path / "two")["runs"][ids[1]]["job_id"]
+    for p in (tmp_path / "two" / "logs").glob(f"{job}_0_log.*"):
+        p.write_text("")
+    res = runner.invoke(app, ["logs", "two", ids[1], *common])
+    assert res.exit_code == 0 and f"the logs of {ids[1]} (job {job}, task 0) are empty" in res.output
 
 
 def test_dry_run_and_submit_without_slurm_installed(tmp_path, monkeypatch):
-    """A laptop: no srun/sbatch on PATH. --dry-run still prints the script; submitting is one clear line."""
-    monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))
+    """A laptop: no srun/sbatch on PATH. --dry-run still prints the script; submitting is one clear line;
+    a sweep with nothing left to do says so."""
     args = [
         "sweep",
         "--lr",
         "0.001,0.01",
+        "--iters",
+        "20",
+        "--eval-every",
+        "10",
+        "--device",
+        "cpu",
         "--partition",
         "gpu",
         "--name",
@@ -225,12 +258,21 @@ def test_dry_run_and_submit_without_slurm_installed(tmp_path, monkeypatch):
         "--results-dir",
         str(tmp_path),
     ]
+    path = os.environ["PATH"]
+    monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))
     res = runner.invoke(app, [*args, "--dry-run"])
     assert res.exit_code == 0, res.output
     assert "#SBATCH --partition=gpu" in res.output and "#SBATCH --array=0-1%2" in res.output
     res = runner.invoke(app, args)
     assert res.exit_code == 2 and "SLURM not found on this machine" in res.output
     assert "Traceback" not in res.output and not (tmp_path / "lr-study" / "sweep.json").exists()
+    # the same runs completed (here, by a local sweep): nothing is left to submit, and it says so
+    monkeypatch.setenv("PATH", path)
+    local = [a for a in args if a not in ("--partition", "gpu")]
+    assert runner.invoke(app, local).exit_code == 0
+    monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0 and "2 run(s) already completed: skipped\nnothing to submit" in res.output
 
 
 # ---- packs: sized where they train, never with DDP, and the dry run shows the real grouping -------
