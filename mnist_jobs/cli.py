@@ -597,7 +597,7 @@ def _run_here(console, plan, tasks, groups) -> None:
 
     from .job import COMPLETED_ELSEWHERE, RUNNING_ELSEWHERE
     from .launch import local_parallel, run_here
-    from .sweepdir import run_states
+    from .sweepdir import resumable_packs, run_states
 
     parallel = local_parallel(plan.options)
     n_runs = sum(len(g) for g in groups)
@@ -623,6 +623,8 @@ def _run_here(console, plan, tasks, groups) -> None:
             said: dict[str, str] = {}  # what the task says it did with each run
             with contextlib.suppress(Exception):  # (a failed job has no output)
                 said = {o["run_id"]: o["status"] for o in obj.results()[0]}
+            # a job stopped by a signal of its own (a stray SIGTERM) left its runs a checkpoint
+            resumable = {r for t in resumable_packs(plan.folder, groups[i]) for r in t}
             for rid in groups[i]:
                 if said.get(rid) == RUNNING_ELSEWHERE:
                     elsewhere.append(rid)
@@ -631,10 +633,13 @@ def _run_here(console, plan, tasks, groups) -> None:
                     continue
                 _, data = _result(plan.folder, rid)
                 acc = data["metrics"].get("test_accuracy") if data else None
-                status = data["status"] if data else "missing"
-                outcome[rid] = (status if status in ("completed", "failed") else "failed", acc)
+                status = data["status"] if data else ("stopped" if rid in resumable else "missing")
+                outcome[rid] = (status if status in ("completed", "failed", "stopped") else "failed", acc)
                 if said.get(rid) == COMPLETED_ELSEWHERE:
                     bar.console.print(f"  {rid}: completed meanwhile by another process")
+                    continue
+                if status == "stopped":
+                    bar.console.print(f"  {rid}: stopped with a checkpoint (the same sweep again resumes it)")
                     continue
                 bar.console.print(f"  {rid}: {status}" + (f"  {acc:.2f}%" if acc is not None else ""))
             states, accs = zip(*outcome.values())
@@ -647,16 +652,23 @@ def _run_here(console, plan, tasks, groups) -> None:
             console.print("interrupted")
             _print_resumable(run_states(plan.folder))
             raise typer.Exit(130) from None
-    failed = sum(s != "COMPLETED" for s in states)
+    stopped = [r for r, (state, _) in outcome.items() if state == "stopped"]
+    failed = sum(s != "COMPLETED" and not set(g) <= set(stopped) for s, g in zip(states, groups))
     # a task can complete with a failed run in it (a pack where one model diverged)
     failed_runs = [r for g in groups for r in g if (_result(plan.folder, r)[0] or "failed") == "failed"]
-    failed_runs = [r for r in failed_runs if r not in elsewhere]
+    failed_runs = [r for r in failed_runs if r not in elsewhere and r not in stopped]
     console.print(
-        f"done: {len(states) - failed} task(s) completed, {failed} failed"
+        f"done: {len(states) - failed - sum(set(g) <= set(stopped) for g in groups)} task(s) completed, "
+        f"{failed} failed"
         + (f"; {len(failed_runs)} run(s) failed" if failed_runs else "")
+        + (
+            f"; {len(stopped)} run(s) stopped with a checkpoint (the same sweep again resumes them)"
+            if stopped
+            else ""
+        )
         + (f"; {len(elsewhere)} run(s) left to the process already training them" if elsewhere else "")
     )
-    if failed or failed_runs:
+    if failed or failed_runs or stopped:
         raise typer.Exit(1)
 
 

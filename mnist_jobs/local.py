@@ -267,10 +267,16 @@ def stop_local_sweep(identity: str) -> bool:
     checkpoints) and exits. Returns whether it was signalled (False: it is gone)."""
     import signal
 
-    pid = identity.split("@", 1)[0]
-    if not pid.isdigit() or process_identity(int(pid)) != identity:
+    if not sweep_is_running(identity):
         return False
-    return _signal(int(pid), signal.SIGINT)
+    return _signal(int(identity.split("@", 1)[0]), signal.SIGINT)
+
+
+def sweep_is_running(identity: str) -> bool:
+    """Whether the process `identity` (process_identity: pid@start time) names runs on this machine
+    (a reused pid has another start time)."""
+    pid = identity.split("@", 1)[0]
+    return pid.isdigit() and process_identity(int(pid)) == identity
 
 
 def _command_of(pid: str) -> list[str]:

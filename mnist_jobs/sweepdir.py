@@ -363,14 +363,11 @@ def run_states(folder: Path) -> list[dict[str, Any]]:
 def _sweep_alive(info: dict[str, Any]) -> bool:
     """Whether the local sweep process that a run's entry names still runs (on this machine)."""
     identity, host = info.get("sweep_process"), info.get("host")
-    if not identity or host != socket.gethostname():
-        return False
-    from .local import process_identity
+    if not identity or host != socket.gethostname() or identity.startswith(f"{os.getpid()}@"):
+        return False  # (elsewhere, or this very process: the sweep itself, asking as it ends)
+    from .local import sweep_is_running
 
-    pid = identity.split("@", 1)[0]
-    if not pid.isdigit() or int(pid) == os.getpid():  # (the sweep itself, asking as it ends)
-        return False
-    return process_identity(int(pid)) == identity
+    return sweep_is_running(identity)
 
 
 def log_paths(folder: Path, job_id: str, task: int = 0) -> tuple[Path, Path]:

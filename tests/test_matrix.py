@@ -475,6 +475,35 @@ def test_sigterm_to_a_local_sweep_process_is_a_ctrl_c(tmp_path):
     assert sorted(str(r["state"]) for r in run_states(folder)) == ["MISSING", "MISSING"]
 
 
+def test_a_job_stopped_on_its_own_is_reported_stopped_and_the_sweep_goes_on(tmp_path):
+    """A stray SIGTERM to one local job (its controller, as `cancel` sends it) stops that run with a
+    checkpoint; the sweep says so, not `failed`, trains the run still waiting, and exits 1."""
+    grid = ["--lr", "0.05,0.1", "--iters", "8000", "--eval-every", "2000", "--momentum", "0.9"]
+    cmd = [sys.executable, "-m", "mnist_jobs", "sweep", *grid, "--device", "cpu", "--checkpoint-every", "500",
+           "--max-parallel", "1", "--name", "two", "--results-dir", str(tmp_path)]  # fmt: skip
+    folder = tmp_path / "two"
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
+                            start_new_session=True, env={**os.environ, "COLUMNS": "200"})  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not list(folder.glob(f"*{SUFFIX}")):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
+            time.sleep(0.01)
+        [ck] = folder.glob(f"*{SUFFIX}")
+        stopped = ck.name.removesuffix(SUFFIX)
+        os.kill(int(read_manifest(folder)["runs"][stopped]["job_id"]), signal.SIGTERM)
+        out = proc.communicate(timeout=120)[0]
+    finally:
+        proc.kill()
+    assert proc.returncode == 1, out
+    assert (
+        f"{stopped}: stopped with a checkpoint" in out
+        and "0 failed; 1 run(s) stopped with a checkpoint" in out
+    )
+    [(other, rec)] = results_of(folder).items()
+    assert other != stopped and rec["status"] == "completed"
+
+
 def test_a_sweep_ignoring_sigint_trains_on_through_a_ctrl_c(tmp_path):
     """A sweep a script started with `&` has SIGINT ignored: a Ctrl-C to the terminal's process group
     stops nothing, neither the sweep nor its jobs (they keep it ignored), and the sweep completes; it
