@@ -373,21 +373,32 @@ def test_a_local_sweep_stopped_by_its_user_checkpoints_and_the_sweep_again_resum
         assert rec["metrics"]["history"] == ref[run_id]["metrics"]["history"]
 
 
+def two_runs_one_at_a_time(tmp_path: Path) -> tuple[list[str], Path]:
+    """A local sweep of two lone runs, one at a time (the second waits for a slot): its command and
+    folder."""
+    grid = ["--lr", "0.05,0.1", "--iters", "8000", "--eval-every", "2000", "--momentum", "0.9"]
+    cmd = [sys.executable, "-m", "mnist_jobs", "sweep", *grid, "--device", "cpu", "--checkpoint-every", "500",
+           "--max-parallel", "1", "--name", "two", "--results-dir", str(tmp_path)]  # fmt: skip
+    return cmd, tmp_path / "two"
+
+
+def wait_for_a_checkpoint(proc: subprocess.Popen, folder: Path) -> None:
+    """Until the sweep `proc` has written a checkpoint in `folder` (it must not end first)."""
+    deadline = time.monotonic() + 120
+    while not list(folder.glob(f"*{SUFFIX}")):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
+        time.sleep(0.01)
+
+
 def test_cancel_of_a_local_sweep_also_stops_the_runs_still_waiting_for_a_slot(tmp_path):
     """Two lone runs, one at a time: `cancel` while the first trains stops it (it checkpoints) and
     interrupts the sweep process, so the second never starts; the sweep again resumes the first and
     trains the second from scratch."""
-    grid = ["--lr", "0.05,0.1", "--iters", "8000", "--eval-every", "2000", "--momentum", "0.9"]
-    cmd = [sys.executable, "-m", "mnist_jobs", "sweep", *grid, "--device", "cpu", "--checkpoint-every", "500",
-           "--max-parallel", "1", "--name", "two", "--results-dir", str(tmp_path)]  # fmt: skip
-    folder = tmp_path / "two"
+    cmd, folder = two_runs_one_at_a_time(tmp_path)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
                             start_new_session=True)  # fmt: skip
     try:
-        deadline = time.monotonic() + 120
-        while not list(folder.glob(f"*{SUFFIX}")):
-            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
-            time.sleep(0.01)
+        wait_for_a_checkpoint(proc, folder)
         said = CliRunner().invoke(app, ["cancel", "two", "--results-dir", str(tmp_path)])
         assert "interrupted the sweep process(es)" in said.output and "stopped 1 local job(s)" in said.output
         out = proc.communicate(timeout=120)[0]
@@ -452,17 +463,11 @@ def test_sigterm_to_a_local_sweep_process_is_a_ctrl_c(tmp_path):
     """`kill <sweep pid>` (or `timeout`) signals the sweep process alone, not its jobs: it stops them as
     Ctrl-C does (each checkpoints), starts none of the runs waiting for a slot, and exits as
     interrupted; meanwhile `status` shows the waiting run PENDING (its sweep still runs), not MISSING."""
-    grid = ["--lr", "0.05,0.1", "--iters", "8000", "--eval-every", "2000", "--momentum", "0.9"]
-    cmd = [sys.executable, "-m", "mnist_jobs", "sweep", *grid, "--device", "cpu", "--checkpoint-every", "500",
-           "--max-parallel", "1", "--name", "two", "--results-dir", str(tmp_path)]  # fmt: skip
-    folder = tmp_path / "two"
+    cmd, folder = two_runs_one_at_a_time(tmp_path)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
                             start_new_session=True)  # fmt: skip
     try:
-        deadline = time.monotonic() + 120
-        while not list(folder.glob(f"*{SUFFIX}")):
-            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
-            time.sleep(0.01)
+        wait_for_a_checkpoint(proc, folder)
         states = sorted(str(r["state"]) for r in run_states(folder))
         assert states == ["PENDING", "RUNNING"], states
         os.kill(proc.pid, signal.SIGTERM)
@@ -478,17 +483,11 @@ def test_sigterm_to_a_local_sweep_process_is_a_ctrl_c(tmp_path):
 def test_a_job_stopped_on_its_own_is_reported_stopped_and_the_sweep_goes_on(tmp_path):
     """A stray SIGTERM to one local job (its controller, as `cancel` sends it) stops that run with a
     checkpoint; the sweep says so, not `failed`, trains the run still waiting, and exits 1."""
-    grid = ["--lr", "0.05,0.1", "--iters", "8000", "--eval-every", "2000", "--momentum", "0.9"]
-    cmd = [sys.executable, "-m", "mnist_jobs", "sweep", *grid, "--device", "cpu", "--checkpoint-every", "500",
-           "--max-parallel", "1", "--name", "two", "--results-dir", str(tmp_path)]  # fmt: skip
-    folder = tmp_path / "two"
+    cmd, folder = two_runs_one_at_a_time(tmp_path)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
                             start_new_session=True, env={**os.environ, "COLUMNS": "200"})  # fmt: skip
     try:
-        deadline = time.monotonic() + 120
-        while not list(folder.glob(f"*{SUFFIX}")):
-            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
-            time.sleep(0.01)
+        wait_for_a_checkpoint(proc, folder)
         [ck] = folder.glob(f"*{SUFFIX}")
         stopped = ck.name.removesuffix(SUFFIX)
         os.kill(int(read_manifest(folder)["runs"][stopped]["job_id"]), signal.SIGTERM)
@@ -504,43 +503,19 @@ def test_a_job_stopped_on_its_own_is_reported_stopped_and_the_sweep_goes_on(tmp_
     assert other != stopped and rec["status"] == "completed"
 
 
-def test_a_sweep_ignoring_sigint_trains_on_through_a_ctrl_c(tmp_path):
-    """A sweep a script started with `&` has SIGINT ignored: a Ctrl-C to the terminal's process group
-    stops nothing, neither the sweep nor its jobs (they keep it ignored), and the sweep completes; it
-    never reports stopped runs as failed."""
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGHUP], ids=["ctrl-c-ignored", "nohup"])
+def test_a_sweep_ignoring_a_stop_signal_trains_on_through_it(tmp_path, signum):
+    """A signal the sweep was started with ignored stops nothing, neither the sweep nor its jobs (they
+    keep it ignored), and the sweep completes: SIGHUP under nohup (the terminal closing), SIGINT for a
+    sweep a script started with `&` (a Ctrl-C to the terminal's process group)."""
     cmd = sweep_cmd("logreg-lone", tmp_path)
     proc = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO, start_new_session=True,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+        preexec_fn=lambda: signal.signal(signum, signal.SIG_IGN),
     )  # fmt: skip
     try:
-        deadline = time.monotonic() + 120
-        while not list((tmp_path / "m").glob(f"*{SUFFIX}")):
-            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
-            time.sleep(0.01)
-        os.killpg(proc.pid, signal.SIGINT)
-        out = proc.communicate(timeout=120)[0]
-    finally:
-        proc.kill()
-    assert proc.returncode == 0, out
-    [rec] = results_of(tmp_path / "m").values()
-    assert rec["status"] == "completed" and rec["checkpointing"]["resumes"] == 0
-
-
-def test_a_nohup_sweep_trains_on_through_a_hangup(tmp_path):
-    """Under nohup (SIGHUP ignored, as the tasks inherit it) the terminal closing stops nothing: the
-    tasks keep SIGHUP ignored and the sweep completes."""
-    cmd = sweep_cmd("logreg-lone", tmp_path)
-    proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO, start_new_session=True,
-        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN),
-    )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 120
-        while not list((tmp_path / "m").glob(f"*{SUFFIX}")):
-            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
-            time.sleep(0.01)
-        os.killpg(proc.pid, signal.SIGHUP)
+        wait_for_a_checkpoint(proc, tmp_path / "m")
+        os.killpg(proc.pid, signum)
         out = proc.communicate(timeout=120)[0]
     finally:
         proc.kill()
