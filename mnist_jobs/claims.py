@@ -171,6 +171,46 @@ def _is_locked(f) -> bool:
     return False
 
 
+# ---- progress ----------------------------------------------------------------------------------
+#
+# How far a run that trains has got: the job (rank 0) writes `.<run_id>.progress` beside the claim,
+# about once a second and at every evaluation, and removes it when the run ends. A local sweep's bar
+# and `status` (for SLURM runs too: the folder is shared) read it for the runs whose claim is held.
+# Replaced by a rename, never fsynced: a reader sees a whole note or the one before, and a note lost
+# to a crash is of no use anyway.
+
+PROGRESS_EVERY_S = 1.0
+
+
+def progress_path(folder: Path, run_id: str) -> Path:
+    return folder / f".{run_id}.progress"
+
+
+def write_progress(folder: Path, run_ids: list[str], note: dict[str, Any]) -> None:
+    """The same note (`iteration`, `iters`; `train_loss`, `test_accuracy` of a lone run) for each run."""
+    data = (json.dumps({**note, "at": time.time()}) + "\n").encode()
+    for run_id in run_ids:
+        path = progress_path(folder, run_id)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        with contextlib.suppress(OSError):  # (only a note: training goes on without it)
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
+
+
+def read_progress(folder: Path, run_id: str) -> dict[str, Any] | None:
+    """The run's latest progress note, or None (none written, or unreadable this moment)."""
+    try:
+        note = json.loads(progress_path(folder, run_id).read_bytes())
+    except (OSError, ValueError):
+        return None
+    return note if isinstance(note, dict) and isinstance(note.get("iteration"), int) else None
+
+
+def clear_progress(folder: Path, run_ids: list[str]) -> None:
+    for run_id in run_ids:
+        progress_path(folder, run_id).unlink(missing_ok=True)
+
+
 def node_local_locks(fstype: str, options: str) -> str | None:
     """Why claims (POSIX / OFD locks) on a filesystem of this type mounted with these options (the
     comma-separated mount and superblock options) are seen only on this node, or None where every

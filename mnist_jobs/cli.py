@@ -459,6 +459,12 @@ def _launch(opts, *, dry_run: bool, wait: bool, name: str | None = None) -> None
     try:
         plan = launch.make_plan(opts, name=name)
         console.print(f"sweep [bold]{plan.name}[/]: {len(plan.configs)} run(s), executor {plan.executor}")
+        if opts.ignored_here:  # e.g. a sweep file written for the cluster, debugged on a laptop
+            typer.echo(
+                f"Warning: --executor {plan.executor} runs here: SLURM option(s) ignored: "
+                + ", ".join(opts.ignored_here),
+                err=True,
+            )
         if dry_run:  # what the same command would submit now: the runs left to do, as it groups them
             todo, skipped = plan.todo()
             _print_dry_run(console, plan, launch.dry_run(plan, todo), skipped)
@@ -595,6 +601,7 @@ def _run_counts(states: list[str], accuracies: list[float | None]) -> str:
 def _run_here(console, plan, tasks, groups) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from .claims import read_progress
     from .job import COMPLETED_ELSEWHERE, RUNNING_ELSEWHERE
     from .launch import local_parallel, run_here
     from .sweepdir import resumable_packs, run_states
@@ -617,9 +624,30 @@ def _run_here(console, plan, tasks, groups) -> None:
         elsewhere: list[str] = []
         outcome: dict[str, tuple[str, float | None]] = {}  # run id -> (state, test accuracy)
 
+        rows: dict[int, Any] = {}  # running task -> its own row under the runs bar
+        shown_at = [0.0]
+
         def on_event(what: str, i: int, obj: Any) -> None:
+            if what == "started":
+                first = groups[i][0]
+                label = first if len(groups[i]) == 1 else f"{first} +{len(groups[i]) - 1}"
+                rows[i] = bar.add_task(f"  {label}", total=None, counts="starting")
+                return
+            if what == "tick":  # how far each running task has got (its progress note, claims.py)
+                if time.monotonic() - shown_at[0] >= 0.5:
+                    shown_at[0] = time.monotonic()
+                    for j, row in rows.items():
+                        if note := read_progress(plan.folder, groups[j][0]):
+                            loss, acc = note.get("train_loss"), note.get("test_accuracy")
+                            said = [f"loss {loss:.4f}"] if isinstance(loss, (int, float)) else []
+                            said += [f"acc {acc:.2f}%"] if isinstance(acc, (int, float)) else []
+                            total = note.get("iters")
+                            bar.update(row, total=total, completed=note["iteration"], counts="  ".join(said))
+                return
             if what != "finished":
                 return
+            if i in rows:
+                bar.remove_task(rows.pop(i))
             said: dict[str, str] = {}  # what the task says it did with each run
             with contextlib.suppress(Exception):  # (a failed job has no output)
                 said = {o["run_id"]: o["status"] for o in obj.results()[0]}
@@ -759,6 +787,9 @@ def _status_table(name: str, rows: list[dict[str, Any]]):
     def why(r: dict[str, Any]) -> str:  # a failed run's error, first line (`logs` has the rest)
         return (str(r.get("error") or "").splitlines() or [""])[0][:80] if r["state"] == "FAILED" else ""
 
+    progress = any(r.get("progress") for r in rows)  # how far the running ones are
+    if progress:
+        table.add_column("progress", justify="right")
     errors = any(why(r) for r in rows)
     if errors:
         table.add_column("error")
@@ -772,9 +803,20 @@ def _status_table(name: str, rows: list[dict[str, Any]]):
             f"[{c}]{r['state']}[/]",
             acc,
             *([r.get("history") or ""] if history else []),
+            *([_progress_text(r.get("progress"))] if progress else []),
             *([why(r)] if errors else []),
         )
     return table
+
+
+def _progress_text(note: dict[str, Any] | None) -> str:
+    """`1200/3000 (40%), acc 87.12%`: a running run's progress note (claims.read_progress), or ''."""
+    if not note:
+        return ""
+    it, total = note.get("iteration"), note.get("iters")
+    text = f"{it}/{total} ({100 * it / total:.0f}%)" if isinstance(total, int) and total > 0 else f"{it}"
+    acc = note.get("test_accuracy")
+    return text + (f", acc {acc:.2f}%" if isinstance(acc, (int, float)) else "")
 
 
 def _complete_sweep_name(ctx: typer.Context, incomplete: str) -> list[str]:
@@ -1065,6 +1107,8 @@ def report(
             fail(f"--plot {plot}: {e}")
         typer.echo(f"plot → {written}", err=True)
     to_text = formats[fmt]
+    if result.no_match and to_text is not None:
+        typer.echo(f"Warning: {result.no_match}", err=True)  # (stdout keeps the empty table's header)
     if to_text is not None:
         sys.stdout.write(to_text(result))
         return
@@ -1075,6 +1119,9 @@ def report(
     console = Console()
     if not console.is_terminal and "COLUMNS" not in os.environ:
         console = Console(width=160)  # piped into a file or a pager: do not squeeze into 80 columns
+    if result.no_match:
+        console.print(result.no_match[0].upper() + result.no_match[1:], highlight=False)
+        return
     if not result.rows and not result.other_rows:
         console.print(f"No results to show under {path}. {rep.footer(result)}", highlight=False)
         return

@@ -190,7 +190,12 @@ class TrainTask(Checkpointable):
                 checkpoint_path(self.results_dir, run_id).unlink(missing_ok=True)
         stop = StopFlag()
         # SIGINT: Ctrl-C in the terminal of a local sweep reaches its tasks too (local.run_local)
-        with stopping_on(stop, (signal.SIGUSR2, *STOP_SIGNALS)) as previous:
+        with (
+            stopping_on(stop, (signal.SIGUSR2, *STOP_SIGNALS)) as previous,
+            _progress_notes(
+                Path(self.results_dir), [r for r in run_ids if r not in carried] if dist.is_main else []
+            ) as progress,
+        ):
             try:
                 return train_pack(
                     configs,
@@ -204,6 +209,7 @@ class TrainTask(Checkpointable):
                     requeues=self.requeue_count(),
                     max_requeues=self.max_requeues,
                     carried=carried,
+                    progress=progress,
                 )
             except Interrupted as e:
                 submitit_handler = previous.get(signal.SIGUSR2)
@@ -255,6 +261,39 @@ class TrainTask(Checkpointable):
             master_addr="127.0.0.1" if local else env.master_addr,
             master_port=env.master_port,
         )
+
+
+@contextlib.contextmanager
+def _progress_notes(folder: Path, run_ids: list[str]):
+    """The training loop's progress callback in a job: each evaluation's line to the job's log (its
+    stdout, as without a callback), and the runs' iteration beside their claims about once a second
+    (claims.write_progress: what a local sweep's bar and `status` show), removed when the runs end.
+    None where there is nothing to note (a DDP rank other than 0)."""
+    if not run_ids:
+        yield None
+        return
+    from .claims import PROGRESS_EVERY_S, clear_progress, write_progress
+
+    due, accuracy = 0.0, None
+
+    def note(p) -> None:
+        nonlocal due, accuracy
+        if p.line:
+            print(p.line, flush=True)
+        if p.test_accuracy is not None:
+            accuracy = p.test_accuracy  # (the latest evaluation's, between evaluations too)
+        now = time.monotonic()
+        if p.line or now >= due:  # (every evaluation, and between them once a second)
+            info = {"iteration": p.iteration, "iters": p.total}
+            if len(run_ids) == 1:  # (a pack's figures are means over its models: not one run's)
+                info.update(train_loss=p.train_loss, test_accuracy=accuracy)
+            write_progress(folder, run_ids, info)
+            due = now + PROGRESS_EVERY_S
+
+    try:
+        yield note
+    finally:
+        clear_progress(folder, run_ids)
 
 
 RUNNING_ELSEWHERE = "running elsewhere"  # what a task reports for a run it left to another process

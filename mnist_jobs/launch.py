@@ -91,6 +91,14 @@ class SweepOptions:
     checkpoint_every: int | None = None
     max_requeues: int = DEFAULT_MAX_REQUEUES
     allow_huge: bool = False  # --yes: grids over MAX_GRID runs
+    # SLURM options given (on the command line, or in the file's [slurm] table) that only a SLURM job
+    # uses, by option name: a local run ignores them, and the CLI says so (`ignored_here`)
+    slurm_given: tuple[str, ...] = ()
+
+    @property
+    def ignored_here(self) -> list[str]:
+        """The SLURM options given that this launch ignores: all of them, unless it submits to SLURM."""
+        return [] if self.executor == "slurm" else list(self.slurm_given)
 
     def __post_init__(self) -> None:
         if self.executor not in EXECUTORS[1:]:
@@ -156,6 +164,11 @@ class SweepOptions:
             slurm=slurm_cfg,
             executor=kind,
             name=name if name is not None else file.get("name"),
+            slurm_given=tuple(
+                option_name(k) + ("" if k in given_cli else f" ({where.removesuffix(': ')} [slurm])")
+                for k in merged
+                if k not in RUNS_ANYWHERE
+            ),
             **behaviour,
         )
 

@@ -63,6 +63,13 @@ def local_device_type(spec: str) -> str:
     return spec.split(":", 1)[0]
 
 
+def user_threads() -> int | None:
+    """The thread count the user asked for with OMP_NUM_THREADS, or None. It wins over a local job's
+    share of the cores (on SLURM, --cpus-per-task is the job's own request, and wins: job.TrainTask)."""
+    value = os.environ.get("OMP_NUM_THREADS", "").strip()
+    return int(value) if value.isdigit() and int(value) > 0 else None
+
+
 def free_port() -> int:
     """A free TCP port on this machine (a local multi-process job's rendezvous)."""
     import socket
@@ -105,8 +112,8 @@ def run_local(
                 first = (slot * per_job) % gpus
                 params.update(gpus_per_node=per_job, visible_gpus=tuple(range(first, first + per_job)))
             ex.update_parameters(**params)
-        if task.threads is None and not gpus:
-            task.threads = cpu_threads
+        if task.threads is None and not gpus and not user_threads():
+            task.threads = cpu_threads  # (an OMP_NUM_THREADS of the user's is theirs: torch reads it)
         if tasks_per_node > 1 and task.master_port is None:
             task.master_port = free_port()
         # a Ctrl-C meanwhile is held, and raised as the block ends: once `running` has the job
@@ -130,6 +137,8 @@ def run_local(
                 i, task = pending.pop(0)
                 start(i, task, slots.pop(0))
             time.sleep(0.2)
+            if on_event:
+                on_event("tick", -1, None)  # (the caller's moment to show how far the running ones are)
             for i, (job, slot) in list(running.items()):
                 if executor_kind == "debug" or job.done():
                     try:

@@ -111,6 +111,7 @@ class Filter:
     key: str
     op: str
     values: tuple[Any, ...]
+    text: str = ""  # as given (messages)
 
     def matches(self, run: dict[str, Any]) -> bool:
         v = run.get(self.key)
@@ -141,7 +142,7 @@ def parse_filter(text: str) -> Filter:
         raise ReportError(f"--filter {text!r}: {e}") from None
     if op not in ("=", "!=") and len(values) != 1:
         raise ReportError(f"--filter {text!r}: {op} takes one value")
-    return Filter(key, op, tuple(values))
+    return Filter(key, op, tuple(values), text.strip())
 
 
 # ---- loading -------------------------------------------------------------------------------------
@@ -193,6 +194,7 @@ def flatten(data: dict[str, Any], path: str | Path = "") -> dict[str, Any]:
         error=error,  # "Diverged: train loss became nan at iteration 500 (lr 1000); lower --lr"
         error_type=error_type,
         path=str(path),
+        finished_at=data.get("finished_at") if isinstance(data.get("finished_at"), str) else None,
         history=metrics.get("history") if isinstance(metrics.get("history"), list) else [],
     )
     return run
@@ -230,15 +232,30 @@ def load_runs(root: Path | str) -> tuple[list[dict[str, Any]], list[tuple[str, s
             skipped.append((p, str(e)))
             continue
         runs.append(flatten(data, p))
-    seen = set(paths)
+    seen = {r["path"]: r for r in runs}
+    seen_paths = set(paths)
+    from .sweepdir import superseded
+
     for m in manifests:
         try:
             manifest = _load_manifest(m)
         except ResultError as e:
             skipped.append((str(m), str(e)))
             continue
+        # a result written before its run was submitted again (--retry-failed, --force) while that
+        # submission is still live: the run counts as running or pending, not as its old result
+        finished = {
+            run_id: seen[p]["finished_at"]
+            for run_id in manifest["runs"]
+            if (p := str(result_path(m.parent, run_id))) in seen
+        }
+        for run_id, now in superseded(m.parent, manifest, finished).items():
+            old = seen[str(result_path(m.parent, run_id))]
+            keep = {k: old[k] for k in (*HYPERPARAMS, *DERIVED, "device", "world_size", "run_id", "path")}
+            old.clear()
+            old.update(flatten({}), **keep, status=now, job_id=manifest["runs"][run_id].get("job_id"))
         for run_id, entry in manifest["runs"].items():
-            if str(result_path(m.parent, run_id)) in seen:
+            if str(result_path(m.parent, run_id)) in seen_paths:
                 continue  # finished (or an unreadable file, already counted as skipped)
             entry = entry if isinstance(entry, dict) else {}
             run = flatten({"config": entry.get("config"), "run_id": run_id, "status": "pending"})
@@ -352,6 +369,25 @@ class Report:
     include_all: bool = False
     total_rows: int = 0  # completed rows before --top
     diverged: int = 0  # failed runs (of counts["failed"]) whose error is Diverged
+    filters: list[Filter] = field(default_factory=list)
+    duplicates: list[dict[str, Any]] = field(default_factory=list)  # completed runs counted once
+    loaded: list[dict[str, Any]] = field(default_factory=list)  # every run found, before --filter
+
+    @property
+    def no_match(self) -> str | None:
+        """Why nothing is shown when runs were found but --filter kept none of them: the filters, how
+        many runs there are, and the values each filtered key takes there (None otherwise)."""
+        if not self.filters or not self.loaded or any(self.counts.values()):
+            return None
+        takes = []
+        for key in dict.fromkeys(f.key for f in self.filters):
+            values = sorted({r.get(key) for r in self.loaded} - {None}, key=_order)
+            shown = ", ".join(fmt_value(v) for v in values[:8]) + (", ..." if len(values) > 8 else "")
+            takes.append(f"{key} takes {shown}" if values else f"{key} is never set")
+        given = " ".join(f"--filter {f.text}" for f in self.filters)
+        n = len(self.loaded)
+        found = f"{n} run{'s' if n != 1 else ''}"
+        return f"no run under {self.root} matches {given} ({found}; {'; '.join(takes)})"
 
     @property
     def best(self) -> int | None:
@@ -367,6 +403,19 @@ class Report:
 def _finite(row: dict[str, Any]) -> bool:
     v = row.get("test_accuracy_mean")
     return v is not None and math.isfinite(v)
+
+
+def _without_duplicates(runs: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(runs, the duplicates left out): of completed runs with the same configuration, seed and
+    placement (a sweep folder copied, the same run in two folders), the newest alone, so that a row's
+    mean ± std and n are over distinct runs, never one run counted twice as if over seeds."""
+    newest: dict[tuple[Any, ...], dict[str, Any]] = {}
+    for r in runs:
+        key = tuple(r[k] for k in (*HYPERPARAMS, *PLACEMENT))
+        if key not in newest or (r["finished_at"] or "") > (newest[key]["finished_at"] or ""):
+            newest[key] = r
+    kept = {id(r) for r in newest.values()}
+    return [r for r in runs if id(r) in kept], [r for r in runs if id(r) not in kept]
 
 
 def make_report(
@@ -402,7 +451,8 @@ def make_report(
     for r in selected:
         counts[r["status"]] = counts.get(r["status"], 0) + 1
     diverged = sum(r["status"] == "failed" and r.get("error_type") == "Diverged" for r in selected)
-    done = [r for r in selected if r["status"] == "completed"]
+    done, duplicates = _without_duplicates([r for r in selected if r["status"] == "completed"])
+    counts["completed"] -= len(duplicates)
     others = [r for r in selected if r["status"] != "completed"]
     shown = done + others if include_all else done
 
@@ -437,6 +487,9 @@ def make_report(
         include_all=include_all,
         total_rows=total,
         diverged=diverged,
+        filters=parsed,
+        loaded=all_runs,
+        duplicates=duplicates,
     )
 
 
@@ -526,7 +579,11 @@ def footer(rep: Report) -> str:
         parts[i] += f" ({rep.diverged} diverged)"
     if rep.counts.get("pending"):
         i = next(i for i, p in enumerate(parts) if p.endswith(" pending"))
-        parts[i] += " (no result file yet)"
+        parts[i] += " (no result yet)"
+    if rep.duplicates:
+        n = len(rep.duplicates)
+        same = "same config and seed as a newer result"
+        parts.append(f"{n} duplicate{'s' if n != 1 else ''} left out ({same})")
     if rep.skipped:
         parts.append(f"{len(rep.skipped)} file{'s' if len(rep.skipped) != 1 else ''} skipped")
     text = " · ".join(parts)

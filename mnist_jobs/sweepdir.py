@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint import checkpoint_path, population_path
-from .claims import claim_holder, result_status, run_is_claimed
+from .claims import claim_holder, read_progress, result_status, run_is_claimed
 from .config import ConfigError
 from .results import atomic_write_json, git_info, utc_now
 
@@ -279,6 +279,42 @@ class RunState(str, enum.Enum):
         return cls.RUNNING  # RUNNING, COMPLETING, SUSPENDED, STOPPED, SIGNALING, STAGE_OUT, RESIZING
 
 
+def superseded(folder: Path, manifest: dict[str, Any], finished: dict[str, str | None]) -> dict[str, str]:
+    """The runs whose result is history, each as 'running' or 'pending': submitted again since their
+    result was written (`--retry-failed`, `--force`; `finished`: run id -> the result's finished_at),
+    and being trained (claimed) or waiting to be (queued on SLURM, or a slot in a local sweep that
+    still runs). `report` counts these as what they are now, not as their old result. A resubmission
+    that ended without a new result leaves the old one standing. Asks the scheduler only when some
+    SLURM run was resubmitted after its result."""
+    runs = manifest.get("runs", {})
+    newer = [
+        r
+        for r, done in finished.items()
+        if isinstance(runs.get(r), dict) and (runs[r].get("submitted_at") or "") > (done or "~")
+    ]
+    out: dict[str, str] = {}
+    on_slurm: dict[str, str] = {}
+    for run_id in newer:
+        info = runs[run_id]
+        if run_is_claimed(folder, run_id):
+            out[run_id] = "running"
+        elif run_executor(manifest, info) == "slurm":
+            if info.get("job_id"):
+                on_slurm[run_id] = str(info["job_id"])
+        elif _sweep_alive(info):
+            out[run_id] = "pending"
+    if on_slurm:
+        from .slurm import scheduler_states
+
+        states = scheduler_states(list(on_slurm.values())) or {}
+        for run_id, job_id in on_slurm.items():
+            word = states.get(job_id, "GONE")
+            state = RunState.of_job(word) if word not in ("GONE", "UNKNOWN") else None
+            if state is not None and state.live:
+                out[run_id] = "running" if state is RunState.RUNNING else "pending"
+    return out
+
+
 def run_states(folder: Path) -> list[dict[str, Any]]:
     """One row per run of a sweep: run id, config, job id, state, accuracy, and whether a checkpoint
     resumes it (`resumable`: it ended without a result, and the same sweep again picks it up)."""
@@ -330,7 +366,7 @@ def run_states(folder: Path) -> list[dict[str, Any]]:
             shown = job
         elif status == "running":
             shown = RunState.RUNNING
-        elif stale:
+        elif stale and state != "GONE":
             shown = RunState.PENDING  # submitted a moment ago, not in sacct yet
         elif not slurm and status is None and _sweep_alive(info):
             shown = RunState.PENDING  # waiting for a slot in its local sweep, which still runs here
@@ -338,6 +374,8 @@ def run_states(folder: Path) -> list[dict[str, Any]]:
             shown = RunState.UNKNOWN
         elif slurm and state != "GONE":
             shown = RunState.PENDING
+        elif slurm:
+            shown = RunState.FAILED  # gone from the queue without a result (no sacct to say how)
         else:
             shown = RunState.MISSING
         acc = data["metrics"].get("test_accuracy") if data else None
@@ -353,6 +391,8 @@ def run_states(folder: Path) -> list[dict[str, Any]]:
                 "test_accuracy": acc,
                 "error": (data or {}).get("error", {}) and data["error"].get("message"),
                 "history": note,
+                # how far it has got while it trains (its job's note beside the claim)
+                "progress": read_progress(folder, run_id) if holder is not None else None,
                 # stopped or killed (no result) with a checkpoint: the sweep run again resumes it
                 "resumable": shown.done and no_result and run_id in resumable,
             }

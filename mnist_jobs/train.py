@@ -154,6 +154,7 @@ class Progress:
     total: int
     train_loss: float  # a pack's: the mean over its models
     test_accuracy: float | None = None  # set on evaluation steps
+    line: str = ""  # on evaluation steps: the log line a run without a callback prints
 
 
 ProgressFn = Callable[[Progress], None]
@@ -717,20 +718,20 @@ def _report(progress, it, total, train_losses, test_losses, accs) -> None:
     """An evaluation, to the progress callback or as one log line (a pack's: means, min and max)."""
     n = len(accs)
     mean_loss, mean_acc = sum(train_losses) / n, sum(accs) / n
-    if progress is not None:
-        progress(Progress(it, total, mean_loss, mean_acc))
-    elif n == 1:
-        print(
+    if n == 1:
+        line = (
             f"iter {it}/{total}  train_loss {mean_loss:.4f}  test_loss {test_losses[0]:.4f}  "
-            f"test_acc {mean_acc:.2f}%",
-            flush=True,
+            f"test_acc {mean_acc:.2f}%"
         )
     else:
-        print(
+        line = (
             f"iter {it}/{total}  pack of {n}  train_loss mean {mean_loss:.4f}  "
-            f"test_acc mean {mean_acc:.2f}% (min {min(accs):.2f}, max {max(accs):.2f})",
-            flush=True,
+            f"test_acc mean {mean_acc:.2f}% (min {min(accs):.2f}, max {max(accs):.2f})"
         )
+    if progress is not None:
+        progress(Progress(it, total, mean_loss, mean_acc, line))
+    else:
+        print(line, flush=True)
 
 
 def _stop_requested(stop: StopFlag | None, it: int, dist: DistInfo, device: torch.device) -> bool:

@@ -2,11 +2,22 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
+
+
+def terminal_job() -> None:
+    """preexec_fn of a child that a test signals as a terminal would (Ctrl-C's SIGINT, a closed
+    terminal's SIGHUP): both at their defaults, as a shell gives its foreground job, whatever this
+    pytest inherited. Started with `&` by a script, a process has SIGINT ignored, and under nohup
+    SIGHUP, and its children keep that (as mnist-jobs itself honours: test_matrix's ignored-signal test)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+
 
 REPO = Path(__file__).resolve().parent.parent
 RAW = REPO / "data" / "MNIST" / "raw"

@@ -3,6 +3,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import terminal_job
 from typer.testing import CliRunner
 
 from mnist_jobs.cli import app
@@ -99,7 +100,7 @@ def test_ctrl_c_in_a_foreground_train_checkpoints_and_the_same_command_resumes_i
     cmd = [sys.executable, "-m", "mnist_jobs", "train", *args, "--results-dir", str(tmp_path)]
     env = {**{k: v for k, v in os.environ.items() if k != "MNIST_JOBS_TENSORBOARD"}, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True, env=env)  # fmt: skip
+                            start_new_session=True, preexec_fn=terminal_job, env=env)  # fmt: skip
     try:
         deadline = time.monotonic() + 120
         while not (tmp_path / "tb").exists():  # its TensorBoard folder: the loop has started

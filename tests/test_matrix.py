@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import terminal_job
 from typer.testing import CliRunner
 
 from mnist_jobs.checkpoint import SUFFIX
@@ -145,6 +146,7 @@ def interrupt(case: str, results: Path, how: str) -> int:
         cwd=REPO,
         env={**os.environ, "COLUMNS": "200"},
         start_new_session=True,  # its own process group, as a terminal's foreground job
+        preexec_fn=terminal_job,
     )
 
     def fresh() -> bool:
@@ -396,7 +398,7 @@ def test_cancel_of_a_local_sweep_also_stops_the_runs_still_waiting_for_a_slot(tm
     trains the second from scratch."""
     cmd, folder = two_runs_one_at_a_time(tmp_path)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
-                            start_new_session=True)  # fmt: skip
+                            start_new_session=True, preexec_fn=terminal_job)  # fmt: skip
     try:
         wait_for_a_checkpoint(proc, folder)
         said = CliRunner().invoke(app, ["cancel", "two", "--results-dir", str(tmp_path)])
@@ -431,7 +433,7 @@ def test_status_and_cancel_find_the_job_that_trains_a_run_when_a_second_sweep_re
         sweep_run_id(TrainConfig(lr=0.05, iters=40000, eval_every=20000, device="cpu")),
     )
     first = subprocess.Popen([sys.executable, "-m", "mnist_jobs", *args], stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True, cwd=REPO, start_new_session=True)  # fmt: skip
+                             stderr=subprocess.STDOUT, text=True, cwd=REPO, start_new_session=True, preexec_fn=terminal_job)  # fmt: skip
     try:
         deadline = time.monotonic() + 120
         while not (holder := claim_holder(folder, run_id) or {}).get("job_id"):  # (its note is written)
@@ -465,7 +467,7 @@ def test_sigterm_to_a_local_sweep_process_is_a_ctrl_c(tmp_path):
     interrupted; meanwhile `status` shows the waiting run PENDING (its sweep still runs), not MISSING."""
     cmd, folder = two_runs_one_at_a_time(tmp_path)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
-                            start_new_session=True)  # fmt: skip
+                            start_new_session=True, preexec_fn=terminal_job)  # fmt: skip
     try:
         wait_for_a_checkpoint(proc, folder)
         states = sorted(str(r["state"]) for r in run_states(folder))
@@ -485,7 +487,7 @@ def test_a_job_stopped_on_its_own_is_reported_stopped_and_the_sweep_goes_on(tmp_
     checkpoint; the sweep says so, not `failed`, trains the run still waiting, and exits 1."""
     cmd, folder = two_runs_one_at_a_time(tmp_path)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
-                            start_new_session=True, env={**os.environ, "COLUMNS": "200"})  # fmt: skip
+                            start_new_session=True, preexec_fn=terminal_job, env={**os.environ, "COLUMNS": "200"})  # fmt: skip
     try:
         wait_for_a_checkpoint(proc, folder)
         [ck] = folder.glob(f"*{SUFFIX}")
@@ -511,7 +513,7 @@ def test_a_sweep_ignoring_a_stop_signal_trains_on_through_it(tmp_path, signum):
     cmd = sweep_cmd("logreg-lone", tmp_path)
     proc = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO, start_new_session=True,
-        preexec_fn=lambda: signal.signal(signum, signal.SIG_IGN),
+        preexec_fn=lambda: (terminal_job(), signal.signal(signum, signal.SIG_IGN)),
     )  # fmt: skip
     try:
         wait_for_a_checkpoint(proc, tmp_path / "m")

@@ -7,6 +7,7 @@ import re
 from io import StringIO
 
 import pytest
+from conftest import terminal_job
 from rich.console import Console
 from typer.testing import CliRunner
 
@@ -99,7 +100,7 @@ def test_ctrl_c_stops_following_a_sweep_not_its_jobs(tmp_path):
     def start(*args: str) -> subprocess.Popen:
         return subprocess.Popen(
             [sys.executable, "-m", "mnist_jobs", *args, "--results-dir", str(tmp_path)],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, preexec_fn=terminal_job,
         )  # fmt: skip
 
     sweep = start("sweep", "--iters", "2000000", "--eval-every", "1000000", "--device", "cpu", "--name", "w")
@@ -108,6 +109,15 @@ def test_ctrl_c_stops_following_a_sweep_not_its_jobs(tmp_path):
         while not ((tmp_path / "w" / "sweep.json").exists() and run_states(tmp_path / "w")[0]["state"].live):
             assert sweep.poll() is None and time.monotonic() < deadline, sweep.communicate()
             time.sleep(0.1)
+        # how far it has got: its job's note, in `status` (a column of its own) until it ends
+        while not (note := run_states(tmp_path / "w")[0]["progress"]) or note["iteration"] < 50:
+            assert time.monotonic() < deadline, run_states(tmp_path / "w")
+            time.sleep(0.1)
+        assert note["iters"] == 2000000 and note["test_accuracy"] is None, note  # (no evaluation yet)
+        shown = CliRunner().invoke(
+            app, ["status", "w", "--results-dir", str(tmp_path)], env={"COLUMNS": "200"}
+        )
+        assert "progress" in shown.output and re.search(r" \d+/2000000 \(\d+%\)", shown.output), shown.output
         watch = start("status", "w", "--watch")
         time.sleep(3)  # (python start-up, then the first refresh)
         os.killpg(watch.pid, signal.SIGINT)
@@ -118,6 +128,8 @@ def test_ctrl_c_stops_following_a_sweep_not_its_jobs(tmp_path):
         said = CliRunner().invoke(app, ["cancel", "w", "--results-dir", str(tmp_path)])
         assert "stopped 1 local job(s)" in said.output, said.output
         assert sweep.wait(timeout=120) == 130  # interrupted: its run checkpointed
+        assert not list((tmp_path / "w").glob(".*.progress*"))  # (removed as the run ended)
+        assert run_states(tmp_path / "w")[0]["progress"] is None
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(sweep.pid, signal.SIGKILL)

@@ -6,7 +6,9 @@ import csv
 import io
 import json
 import shutil
+import socket
 import statistics
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -394,7 +396,8 @@ def test_diverged_runs_are_failed_runs_named_diverged_and_never_nan(folder, resu
     good = TrainConfig(iters=30, eval_every=10, device="cpu", lr=0.1, seed=5)
     bad = TrainConfig(iters=30, eval_every=10, device="cpu", lr=100.0, weight_decay=1.0, seed=5)
     train_pack([good, bad], results_dir=folder, run_ids=["ok", "diverged"], progress=lambda p: None)
-    legacy = json.dumps({**results[run_id(0.01, 0)], "run_id": "legacy"}).replace(
+    old = results[run_id(0.01, 0)]
+    legacy = json.dumps({**old, "run_id": "legacy", "config": {**old["config"], "seed": 9}}).replace(
         '"test_loss": ', '"test_loss": NaN, "was": ', 1
     )
     (folder / "legacy.json").write_text(legacy)
@@ -422,3 +425,75 @@ def test_diverged_runs_are_failed_runs_named_diverged_and_never_nan(folder, resu
         )
     doc = json.loads(cli(folder, "--all", "--format", "json").stdout, parse_constant=lambda c: 1 / 0)
     assert doc["diverged"] == 1 and doc["counts"]["failed"] == 1
+
+
+# ---- where two sources meet: filters, copies, resubmissions --------------------------------------
+
+
+def test_a_filter_that_matches_nothing_says_so_and_what_the_key_takes(sweep_dir):
+    r = cli(sweep_dir, "--filter", "lr=0.5")
+    assert r.exit_code == 0, r.output
+    line = " ".join(r.stdout.split())
+    assert line == f"No run under {sweep_dir} matches --filter lr=0.5 (6 runs; lr takes 0.01, 0.1)", line
+    both = " ".join(cli(sweep_dir, "--filter", "lr=0.5", "--filter", "model=cnn").stdout.split())
+    assert "--filter lr=0.5 --filter model=cnn (6 runs; lr takes 0.01, 0.1; model takes logreg)" in both
+    as_csv = cli(sweep_dir, "--filter", "lr=0.5", "--format", "csv")  # data stays data: a header alone
+    assert list(csv.reader(io.StringIO(as_csv.stdout))) == [list(rep.ROW_COLUMNS)]
+    assert "Warning: no run under" in as_csv.output and "lr takes 0.01, 0.1" in as_csv.output
+    assert rep.make_report(sweep_dir, filters=["lr=0.01"]).no_match is None  # (it matches)
+
+
+def test_the_same_runs_in_two_folders_are_counted_once_the_newest_kept(tmp_path, sweep_dir, results):
+    """A sweep folder copied beside itself (a backup, a teammate's copy): each row is still over 3
+    seeds, not 6 with every seed twice; of two results of one run the newer counts."""
+    root = tmp_path / "all"
+    for name in ("mine", "copy"):
+        shutil.copytree(sweep_dir, root / name)
+    twice = rep.make_report(root)
+    assert [r["n"] for r in twice.rows] == [3, 3] and twice.counts["completed"] == 6
+    assert len(twice.duplicates) == 6 and "6 duplicates left out" in rep.footer(twice)
+    newer = results[run_id(0.1, 0)]
+    write_result(
+        root / "copy", newer, run_id(0.1, 0), finished_at="9999-01-01T00:00:00Z", metrics__test_accuracy=99.9
+    )
+    [row] = [r for r in rep.make_report(root).rows if r["lr"] == 0.1]
+    assert row["n"] == 3 and row["test_accuracy_mean"] == pytest.approx(
+        statistics.mean([99.9, *accs(results, 0.1)[1:]])
+    )
+    once = rep.make_report(sweep_dir)
+    assert once.duplicates == [] and "duplicate" not in rep.footer(once)
+
+
+def test_a_failed_run_submitted_again_counts_as_running_or_pending_not_failed(folder, results):
+    """`sweep --retry-failed` while it runs: the failed result is still on disk, but the run is being
+    trained again (its claim is held) or waits for a slot in the local sweep that took it (that sweep
+    process still runs): report counts it so. Once neither holds, the old result stands again."""
+    from mnist_jobs.claims import claim_run
+    from mnist_jobs.local import process_identity
+
+    template = results[run_id(0.01, 0)]
+    write_result(folder, template, "retried", status="failed", metrics={}, finished_at="2026-01-01T00:00:00Z",
+                 error={"message": "CUDA OOM"}, config__seed=7)  # fmt: skip
+    write_result(folder, template, "waiting", status="failed", metrics={}, finished_at="2026-01-01T00:00:00Z",
+                 error={"message": "CUDA OOM"}, config__seed=8)  # fmt: skip
+    entries = {rid: {"config": d["config"], "executor": "local"} for rid, d in results.items()}
+    sweep = subprocess.Popen(["sleep", "60"])  # a sweep process of this machine, still running
+    try:
+        again = {"executor": "local", "submitted_at": "2026-02-01T00:00:00Z", "host": socket.gethostname(),
+                 "sweep_process": process_identity(sweep.pid)}  # fmt: skip
+        entries["retried"] = {"config": {**template["config"], "seed": 7}, **again}
+        entries["waiting"] = {"config": {**template["config"], "seed": 8}, **again}
+        write_manifest(folder, entries)
+        with claim_run(folder, "retried") as held:
+            assert held
+            report = rep.make_report(folder)
+            assert report.counts == {"completed": 6, "failed": 0, "running": 1, "pending": 1}, report.counts
+            listed = rep.make_report(folder, include_all=True)
+            assert sorted((r["run_ids"][0], r["status"], r["error"]) for r in listed.other_rows) == [
+                ("retried", "running", None),
+                ("waiting", "pending", None),
+            ]
+    finally:
+        sweep.kill()
+        sweep.wait()
+    assert rep.make_report(folder).counts == {"completed": 6, "failed": 2, "running": 0, "pending": 0}

@@ -27,6 +27,7 @@ from mnist_jobs.checkpoint import checkpoint_path, population_path
 from mnist_jobs.cli import app
 from mnist_jobs.config import TrainConfig
 from mnist_jobs.grid import sweep_run_id
+from mnist_jobs.report import make_report
 from mnist_jobs.sweepdir import read_manifest, run_states
 from mnist_jobs.train import train, train_pack
 
@@ -223,6 +224,9 @@ def test_usr2_preemption_requeues_at_most_max_requeues_times(cluster, results, r
         ],
     )
     assert again.exit_code == 0 and "submitted 1 run(s)" in again.output, again.output
+    # its failed result is history while the new job is queued or trains: report counts it live
+    live = make_report(folder)
+    assert live.counts["failed"] == 0 and sum(live.counts.values()) == 1, live.counts
     assert wait_state(folder, ("COMPLETED", "FAILED"))["state"] == "COMPLETED"
     rec = result(folder)
     assert_equals_reference(rec, ref)

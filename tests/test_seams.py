@@ -105,6 +105,28 @@ def test_dashed_keys_in_a_sweep_file_are_accepted(tmp_path):
     assert opts.grid["batch_size"] == [50, 100] and opts.slurm.time_min == 7
 
 
+def test_a_sweep_file_for_the_cluster_run_locally_says_which_slurm_options_it_ignores(tmp_path):
+    """`--executor local` over a file with a [slurm] table (the cluster's sweep, debugged on a laptop)
+    trains here, and says, on one line, which SLURM options it leaves out and where each came from;
+    --tasks-per-node runs here too, so it is not among them."""
+    path = tmp_path / "s.toml"
+    path.write_text('lr = [0.1]\niters = 10\neval-every = 5\n[slurm]\npartition = "gpu"\ntime-min = 7\n')
+    common = ["--device", "cpu", "--results-dir", str(tmp_path / "r")]
+    res = runner.invoke(
+        app, ["sweep", "--config", str(path), "--executor", "local", "--mem-gb", "4", *common]
+    )
+    assert res.exit_code == 0, res.output
+    [warning] = [ln for ln in res.output.splitlines() if ln.startswith("Warning:")]
+    where = f"--config {path} [slurm]"
+    assert warning.endswith(f"ignored: --partition ({where}), --time-min ({where}), --mem-gb"), warning
+    assert "completed" in res.output  # ... and it trained here
+    quiet = runner.invoke(app, ["sweep", "--lr", "0.1", "--iters", "10", "--tasks-per-node", "1", *common])
+    assert quiet.exit_code == 0 and "Warning" not in quiet.output, quiet.output
+    # on SLURM nothing is ignored (a dry run: no cluster needed to plan it)
+    opts = SweepOptions.from_sources(training={}, slurm={}, config_file=path, results_dir=tmp_path)
+    assert opts.executor == "slurm" and opts.ignored_here == []
+
+
 CORRUPT = {
     "not-json": "{this is not json",
     "foreign": json.dumps({"kind": "someone-else/manifest", "runs": {}}),
@@ -209,11 +231,16 @@ def test_a_local_job_starts_with_sigint_held_and_a_ctrl_c_meanwhile_is_not_lost(
     # another thread, as the sweep has (rich's refresh): the kernel may hand it the signal
     threading.Thread(target=time.sleep, args=(5,), daemon=True).start()
     inside = False
-    with pytest.raises(KeyboardInterrupt), _sigint_held_for_children():
-        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
-        os.kill(os.getpid(), signal.SIGINT)  # held: nothing is raised inside the block
-        time.sleep(0.2)
-        inside = True
+    # Python's Ctrl-C, as in a terminal (a pytest started with `&` inherits SIGINT ignored)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt), _sigint_held_for_children():
+            child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+            os.kill(os.getpid(), signal.SIGINT)  # held: nothing is raised inside the block
+            time.sleep(0.2)
+            inside = True
+    finally:
+        signal.signal(signal.SIGINT, previous)
     try:
         assert inside and blocked(child.pid) and not blocked(os.getpid())
     finally:

@@ -8,6 +8,7 @@ fail instead, so they can never silently not run there.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -95,6 +96,15 @@ def test_wait_exits_1_when_a_run_it_submitted_did_not_complete(cluster, results)
     res = runner.invoke(app, [*args, "--wait"])
     assert res.exit_code == 1 and "1 run(s) submitted did not complete" in res.output, res.output
     assert [r["state"] for r in run_states(results / "wf")] == ["FAILED"]
+    # a cluster without accounting (no sacct): the job is gone from the queue, with no result: FAILED
+    # too, not MISSING (squeue alone answers)
+    bare = results / "bin"
+    bare.mkdir()
+    (bare / "squeue").symlink_to(shutil.which("squeue"))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PATH", str(bare))
+        assert shutil.which("sacct") is None
+        assert [(r["state"], r["history"]) for r in run_states(results / "wf")] == [("FAILED", "")]
     said = runner.invoke(app, ["logs", "wf", "--results-dir", str(results)])
     assert said.exit_code == 0 and "are empty" in said.output, said.output
 
@@ -124,6 +134,11 @@ def test_cancel_a_long_job(cluster, results):
     while not run_is_claimed(folder, run_states(folder)[0]["run_id"]):  # its task has started
         assert time.monotonic() < deadline
         time.sleep(0.2)
+    # how far it has got, from its job's note on the shared filesystem
+    while not (note := run_states(folder)[0]["progress"]):
+        assert time.monotonic() < deadline, run_states(folder)
+        time.sleep(0.2)
+    assert note["iters"] == 1000000 and 0 <= note["iteration"] < 1000000, note
     # the same command again (train on SLURM always reruns, as --force): the run is training, so
     # nothing is submitted, and the job that trains it stays the one status and cancel know
     again = runner.invoke(app, ["train", "--iters", "1000000", "--device", "cpu", "--partition", "gpu",

@@ -176,6 +176,33 @@ def test_local_executor_caps_concurrency(tmp_path):
     assert logs.exit_code == 0 and "test_acc" in logs.output
 
 
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs 2 cores to tell a share from 1 thread")
+@pytest.mark.parametrize("omp", [None, "1"])
+def test_a_local_job_trains_on_its_share_of_the_cores_unless_omp_num_threads_says(tmp_path, monkeypatch, omp):
+    """One run at a time gets every core; a user's OMP_NUM_THREADS wins over that share (as it does
+    for `train` in the foreground, where torch reads it)."""
+    if omp is None:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    else:
+        monkeypatch.setenv("OMP_NUM_THREADS", omp)
+    args = [
+        "sweep",
+        "--lr",
+        "0.01",
+        *FAST,
+        "--max-parallel",
+        "1",
+        "--name",
+        "t",
+        "--results-dir",
+        str(tmp_path),
+    ]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    [rec] = [json.loads(p.read_text()) for p in (tmp_path / "t").glob("logreg-*.json")]
+    assert rec["env"]["torch_threads"] == (os.cpu_count() if omp is None else int(omp)), rec["env"]
+
+
 @pytest.mark.parametrize(
     ("args", "needle"),
     [
