@@ -92,3 +92,118 @@ def wait_done(folder: Path, timeout_s: float = 240) -> list[dict]:
             return rows
         time.sleep(1.0)
     raise AssertionError(f"sweep {folder.name} not done after {timeout_s}s: {run_states(folder)}")
+
+
+# ---- two lanes ----------------------------------------------------------------------------------
+#
+# The SLURM tests (those using the `cluster` fixture) mostly wait: for slurmctld's timers (a dead node
+# is declared down after ~30 s, a requeued job is held ~12 s) and for jobs to start on the nodes. The
+# others mostly compute. So a session that selects both runs the SLURM tests in a second pytest process
+# beside this one, with the same arguments, started as collection ends: the whole suite takes about as
+# long as its longer lane. That lane's report is printed at the end of this one's, and its failure
+# fails the session (exit status). `--one-lane` runs everything in this process, one test after another.
+
+LANE_ENV = "MNIST_JOBS_TEST_LANE"  # "slurm": this process is the second lane
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--one-lane",
+        action="store_true",
+        default=False,
+        help="run the SLURM tests in this process after the others, not in a second pytest process beside them",
+    )
+
+
+def _needs_cluster(item: pytest.Item) -> bool:
+    return "cluster" in getattr(item, "fixturenames", ())
+
+
+def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list) -> None:
+    if os.environ.get(LANE_ENV) == "slurm":  # the second lane: the SLURM tests alone
+        items[:] = [i for i in items if _needs_cluster(i)]
+        return
+    if config.getoption("one_lane") or config.option.collectonly:
+        return
+    slurm = [i for i in items if _needs_cluster(i)]
+    if not slurm or len(slurm) == len(items):
+        return
+    items[:] = [i for i in items if not _needs_cluster(i)]
+    import sys
+    import tempfile
+
+    factory = getattr(config, "_tmp_path_factory", None)  # (this session's basetemp: kept likewise)
+    root = factory.getbasetemp() if factory is not None else Path(tempfile.mkdtemp(prefix="pytest-lanes-"))
+    log = root / "slurm-lane.log"
+    args = [*config.invocation_params.args, f"--basetemp={root / 'slurm-lane'}"]
+    with open(log, "wb") as out:
+        child = subprocess.Popen(
+            [sys.executable, "-m", "pytest", *args],
+            cwd=config.invocation_params.dir,
+            env={**os.environ, LANE_ENV: "slurm"},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    config.stash[_LANE] = (child, log, len(slurm))
+
+
+_LANE = pytest.StashKey[tuple]()
+
+
+def _wait_for_lane(config: pytest.Config) -> tuple[int, Path, int] | None:
+    """The SLURM lane's exit status, log and test count, once it has ended (None: no second lane)."""
+    lane = config.stash.get(_LANE, None)
+    if lane is None:
+        return None
+    child, log, n = lane
+    try:
+        rc = child.wait()
+    except BaseException:  # Ctrl-C while waiting: it has the signal too (same process group)
+        _stop_lane(child)
+        raise
+    return rc, log, n
+
+
+def _stop_lane(child: subprocess.Popen) -> None:
+    """Interrupt the second lane as Ctrl-C would (its fixtures' teardown stops the cluster), then kill."""
+    if child.poll() is None:
+        child.send_signal(signal.SIGINT)
+        try:
+            child.wait(timeout=180)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    lane = session.config.stash.get(_LANE, None)
+    if lane is not None and (exitstatus == pytest.ExitCode.INTERRUPTED or session.shouldfail):
+        _stop_lane(lane[0])  # interrupted, or -x / --maxfail reached here: that lane stops too
+    done = _wait_for_lane(session.config)
+    if done is None:
+        return
+    rc = done[0]
+    # no tests collected there (5) is no failure; anything else that is not 0 fails the session
+    if rc not in (0, 5) and session.exitstatus == 0:
+        session.exitstatus = rc
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    lane = config.stash.get(_LANE, None)
+    if lane is None:
+        return
+    child, log, n = lane
+    rc = child.wait()
+    terminalreporter.section(f"SLURM lane: {n} test(s) in a second pytest process beside this one ({log})")
+    terminalreporter.write(log.read_text(errors="replace"))
+    verdict = "passed" if rc in (0, 5) else f"FAILED (exit {rc})"
+    terminalreporter.write_line(
+        f"SLURM lane {verdict}; this process's own tests are counted below", bold=True
+    )
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    lane = config.stash.get(_LANE, None)
+    if lane is not None:
+        _stop_lane(lane[0])  # (an interrupted session: never leave it running)
