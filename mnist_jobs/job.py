@@ -275,6 +275,8 @@ def _progress_notes(folder: Path, run_ids: list[str]):
     from .claims import PROGRESS_EVERY_S, clear_progress, write_progress
 
     due, accuracy = 0.0, None
+    # a note per run: a big pack notes less often (on a network filesystem each is a rename)
+    every_s = PROGRESS_EVERY_S * max(1.0, len(run_ids) / 4)
 
     def note(p) -> None:
         nonlocal due, accuracy
@@ -283,12 +285,12 @@ def _progress_notes(folder: Path, run_ids: list[str]):
         if p.test_accuracy is not None:
             accuracy = p.test_accuracy  # (the latest evaluation's, between evaluations too)
         now = time.monotonic()
-        if p.line or now >= due:  # (every evaluation, and between them once a second)
+        if p.line or now >= due:  # (every evaluation, and between them about once a second)
             info = {"iteration": p.iteration, "iters": p.total}
             if len(run_ids) == 1:  # (a pack's figures are means over its models: not one run's)
                 info.update(train_loss=p.train_loss, test_accuracy=accuracy)
             write_progress(folder, run_ids, info)
-            due = now + PROGRESS_EVERY_S
+            due = now + every_s
 
     try:
         yield note

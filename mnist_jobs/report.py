@@ -5,11 +5,11 @@
     text = to_csv(rep)                   # also to_json, to_markdown, to_html (a page, plot embedded)
     plot(rep, "lr-study.png")            # matplotlib, imported only here (figure(rep): the Figure)
 
-Each run becomes a flat dict (config keys, `device`, `world_size`, metrics, timings, status). Completed
-runs that differ only in the keys averaged over (by default: the seed) share one row with mean ± std and
-n. Failed, running and pending runs (a sweep manifest's runs with no result file yet) are counted, and
-listed one per row with `include_all`. Files that are not readable results are skipped and returned in
-`Report.skipped`; nothing in here raises on a bad file. No typer, no torch.
+Each run becomes a flat dict (config keys, `device`, `world_size`, `partition`, metrics, timings,
+status). Completed runs that differ only in the keys averaged over (by default: the seed) share one
+row with mean ± std and n. Failed, running and pending runs (a sweep manifest's runs with no result
+yet) are counted, and listed one per row with `include_all`. Files that are not readable results are
+skipped and returned in `Report.skipped`; nothing in here raises on a bad file. No typer, no torch.
 """
 
 from __future__ import annotations
@@ -34,7 +34,8 @@ if TYPE_CHECKING:
 
 # Keys, by role. Every flat run dict has all of these.
 DERIVED = ("epochs",)  # resolved into iters: filterable and sortable, never a "varying" column
-PLACEMENT = ("device", "world_size")  # where it ran: part of the row key; a column where it differs
+# where it ran: part of the row key; a column where it differs (partition: a SLURM run's, else None)
+PLACEMENT = ("device", "world_size", "partition")
 HYPERPARAMS = tuple(k for k in TRAIN_FIELDS if k not in DERIVED + PLACEMENT)  # every training option
 CONFIG_KEYS = HYPERPARAMS + PLACEMENT
 METRICS = ("test_accuracy", "test_loss", "final_train_loss", "train_s", "samples_per_s", "total_s")
@@ -51,7 +52,7 @@ _METRIC_SOURCE = {
     "total_s": "timings",
 }
 _ALIASES = {"accuracy": "test_accuracy", "acc": "test_accuracy", "loss": "test_loss", "time": "train_s"}
-_PREFIXES = ("config.", "metrics.", "timings.", "env.", "distributed.")
+_PREFIXES = ("config.", "metrics.", "timings.", "env.", "distributed.", "slurm.")
 STATUSES = ("completed", "failed", "running", "pending")
 
 # Machine formats: one fixed column order, whatever the data.
@@ -185,6 +186,7 @@ def flatten(data: dict[str, Any], path: str | Path = "") -> dict[str, Any]:
     run: dict[str, Any] = {k: _scalar(cfg.get(k, before.get(k))) for k in HYPERPARAMS + DERIVED}
     run["device"] = _scalar(env.get("device") or cfg.get("device"))  # what it ran on, not "auto"
     run["world_size"] = _scalar(dist.get("world_size", 1))
+    run["partition"] = _scalar(_section(data, "slurm").get("partition"))
     for k in METRICS:
         run[k] = _num((metrics if _METRIC_SOURCE[k] == "metrics" else timings).get(k))
     error_type, error = _error_text(data.get("error"))
@@ -251,7 +253,7 @@ def load_runs(root: Path | str) -> tuple[list[dict[str, Any]], list[tuple[str, s
         }
         for run_id, now in superseded(m.parent, manifest, finished).items():
             old = seen[str(result_path(m.parent, run_id))]
-            keep = {k: old[k] for k in (*HYPERPARAMS, *DERIVED, "device", "world_size", "run_id", "path")}
+            keep = {k: old[k] for k in (*HYPERPARAMS, *DERIVED, *PLACEMENT, "run_id", "path")}
             old.clear()
             old.update(flatten({}), **keep, status=now, job_id=manifest["runs"][run_id].get("job_id"))
         for run_id, entry in manifest["runs"].items():
@@ -517,14 +519,14 @@ def _fmt_seconds(v: float | None) -> str:
 
 
 METRIC_HEADERS = ("test acc %", "test loss", "train s", "n")
-EXTRA_HEADERS = {"device": "device", "world_size": "world", "status": "status"}
+EXTRA_HEADERS = {"device": "device", "world_size": "world", "partition": "partition", "status": "status"}
 
 
 def extra_columns(rep: Report) -> list[str]:
-    """device, world_size and status get a column where they differ between the rows; where they do
-    not, the caption says them once (like every other constant setting)."""
+    """device, world_size, partition and status get a column where they differ between the rows;
+    where they do not, the caption says them once (like every other constant setting)."""
     rows = rep.all_rows
-    out = [k for k in ("device", "world_size") if len({str(r[k]) for r in rows if r[k] is not None}) > 1]
+    out = [k for k in PLACEMENT if len({str(r[k]) for r in rows if r[k] is not None}) > 1]
     if any(r["status"] != "completed" for r in rows):
         out.append("status")
     return out
@@ -541,7 +543,7 @@ def table_cells(row: dict[str, Any], columns: Sequence[str], extras: Sequence[st
         status += f" (job {row['job_id']})"
     if row.get("error") and "failed" in status:
         status += f": {row['error']}"
-    shown = {"device": fmt_value(row["device"]), "world_size": fmt_value(row["world_size"]), "status": status}
+    shown = {**{k: fmt_value(row[k]) for k in PLACEMENT}, "status": status}
     return [
         *(fmt_value(row[c]) for c in columns),
         _fmt_stat(row["test_accuracy_mean"], row["test_accuracy_std"], 2),
@@ -558,7 +560,7 @@ def caption_lines(rep: Report) -> list[str]:
     same = dict(rep.constants)
     if rep.all_rows:
         extras = extra_columns(rep)
-        for k in ("device", "world_size"):
+        for k in PLACEMENT:
             known = [r[k] for r in rep.all_rows if r[k] is not None]
             if k not in extras and known:
                 same[k] = known[0]
@@ -605,7 +607,8 @@ def build_table(rep: Report) -> Table:
     )
     extras = extra_columns(rep)
     for h in table_headers(rep):
-        table.add_column(h, justify="left" if h in ("model", "optimizer", "device", "status") else "right")
+        left = ("model", "optimizer", "device", "partition", "status")
+        table.add_column(h, justify="left" if h in left else "right")
     best = rep.best
     for i, row in enumerate(rep.rows):
         last = i == len(rep.rows) - 1 and bool(rep.other_rows)  # a rule between finished and the rest

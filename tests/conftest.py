@@ -132,6 +132,13 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
     import sys
     import tempfile
 
+    # Two lanes share the cores: one thread per process (its jobs' too, through the environment), or
+    # OpenMP's spinning teams, each waiting on a thread the other lane holds, run many times slower.
+    if "OMP_NUM_THREADS" not in os.environ:
+        os.environ["OMP_NUM_THREADS"] = "1"
+        if "torch" in sys.modules:
+            sys.modules["torch"].set_num_threads(1)
+
     factory = getattr(config, "_tmp_path_factory", None)  # (this session's basetemp: kept likewise)
     root = factory.getbasetemp() if factory is not None else Path(tempfile.mkdtemp(prefix="pytest-lanes-"))
     log = root / "slurm-lane.log"
