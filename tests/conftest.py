@@ -99,9 +99,9 @@ def wait_done(folder: Path, timeout_s: float = 240) -> list[dict]:
 # The SLURM tests (those using the `cluster` fixture) mostly wait: for slurmctld's timers (a dead node
 # is declared down after ~30 s, a requeued job is held ~12 s) and for jobs to start on the nodes. The
 # others mostly compute. So a session that selects both runs the SLURM tests in a second pytest process
-# beside this one, with the same arguments, started as collection ends: the whole suite takes about as
-# long as its longer lane. That lane's report is printed at the end of this one's, and its failure
-# fails the session (exit status). `--one-lane` runs everything in this process, one test after another.
+# beside this one, with the same arguments, started as collection ends, at a lower priority (nice 10).
+# That lane's report is printed at the end of this one's, and its failure fails the session (exit
+# status). `--one-lane` runs everything in this process, one test after another.
 
 LANE_ENV = "MNIST_JOBS_TEST_LANE"  # "slurm": this process is the second lane
 
@@ -132,13 +132,6 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
     import sys
     import tempfile
 
-    # Two lanes share the cores: one thread per process (its jobs' too, through the environment), or
-    # OpenMP's spinning teams, each waiting on a thread the other lane holds, run many times slower.
-    if "OMP_NUM_THREADS" not in os.environ:
-        os.environ["OMP_NUM_THREADS"] = "1"
-        if "torch" in sys.modules:
-            sys.modules["torch"].set_num_threads(1)
-
     factory = getattr(config, "_tmp_path_factory", None)  # (this session's basetemp: kept likewise)
     root = factory.getbasetemp() if factory is not None else Path(tempfile.mkdtemp(prefix="pytest-lanes-"))
     log = root / "slurm-lane.log"
@@ -150,6 +143,10 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
             env={**os.environ, LANE_ENV: "slurm"},
             stdout=out,
             stderr=subprocess.STDOUT,
+            # Niced, with the cluster it starts and its jobs: that lane mostly waits on timers, and takes
+            # the cores this one leaves. At equal priority it preempts this lane's OpenMP teams, whose
+            # threads then spin on a barrier for the one it holds: a run here went 6x slower.
+            preexec_fn=lambda: os.nice(10),
         )
     config.stash[_LANE] = (child, log, len(slurm))
 

@@ -95,10 +95,18 @@ def results_of(folder: Path) -> dict[str, dict]:
     return {p.stem: json.loads(p.read_text()) for p in scan(folder)[0]}
 
 
+def lone_job_threads() -> int:
+    """The threads a local sweep's lone job trains on here, one at a time (local.run_local): the user's
+    OMP_NUM_THREADS (the two test lanes set 1), else every core. Runs compared bit for bit use it."""
+    from mnist_jobs.local import user_threads
+
+    return user_threads() or os.cpu_count() or 1
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
-    """The uninterrupted runs: in this process for one rank (as the local executor runs a lone task:
-    all of this machine's cores as threads), through the same sweep command for DDP."""
+    """The uninterrupted runs: in this process for one rank (with the threads the local executor gives
+    a lone task: lone_job_threads), through the same sweep command for DDP."""
     cache: dict[str, dict[str, dict]] = {}
 
     def get(case: str) -> dict[str, dict]:
@@ -107,7 +115,7 @@ def uninterrupted(tmp_path_factory):
             if CASES[case][3] == 1:
                 cfgs = configs(case)
                 before = torch.get_num_threads()
-                torch.set_num_threads(os.cpu_count() or 1)
+                torch.set_num_threads(lone_job_threads())
                 try:
                     recs = train_pack(cfgs, run_ids=[sweep_run_id(c) for c in cfgs], results_dir=results)
                 finally:
@@ -291,7 +299,7 @@ def test_a_killed_pack_resumes_whole_carrying_a_run_completed_elsewhere(tmp_path
             configs=[cfg.to_dict() for cfg in configs(case)],
             run_ids=[a, b, c],
             results_dir=str(folder),
-            threads=os.cpu_count(),
+            threads=lone_job_threads(),
             checkpoint_every=CASES[case][1],
         )
         said = {o["run_id"]: o["status"] for o in task()}
@@ -330,7 +338,7 @@ def test_a_run_the_planner_carried_but_free_when_the_job_starts_is_trained_and_w
         configs=[cfg.to_dict() for cfg in configs(case)],
         run_ids=run_ids,
         results_dir=str(tmp_path / "m"),
-        threads=os.cpu_count(),
+        threads=lone_job_threads(),
         carried=[run_ids[1]],
     )
     assert {o["run_id"]: o["status"] for o in task()} == dict.fromkeys(run_ids, "completed")
