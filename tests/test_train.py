@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import pytest
@@ -82,6 +83,8 @@ def test_logreg_best_settings_reach_92(tmp_path):
 def test_cnn_reaches_98_5_within_5_epochs(tmp_path):
     # The setting README documents (found with `mnist-jobs sweep`, see README): Adam 0.002, batch 32.
     cfg = TrainConfig(model="cnn", optimizer="adam", lr=0.002, batch_size=32, epochs=5, device="cpu")
+    # evaluated once, at the end (the claim is the final accuracy): 18 fewer passes over the test set
+    cfg = dataclasses.replace(cfg, eval_every=cfg.iters)
     r = train(cfg, results_dir=tmp_path)
     assert r["metrics"]["test_accuracy"] >= 98.5
 
