@@ -133,3 +133,48 @@ def test_ctrl_c_stops_following_a_sweep_not_its_jobs(tmp_path):
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(sweep.pid, signal.SIGKILL)
+
+
+def test_a_pack_notes_each_runs_progress_while_it_trains_and_removes_the_notes_as_it_ends(tmp_path):
+    """The job's side, in process: a pack of 2 notes the same iteration for both runs while it trains
+    (no loss or accuracy: a pack's figures are means, not one run's), and leaves no note behind. A note
+    left by a killed job is never shown: `status` reads notes of claimed runs only."""
+    import json
+    import threading
+    import time
+
+    from mnist_jobs.claims import progress_path, read_progress
+    from mnist_jobs.config import TrainConfig
+    from mnist_jobs.grid import sweep_run_id
+    from mnist_jobs.job import TrainTask
+    from mnist_jobs.sweepdir import record_submission, run_states
+
+    cfgs = [TrainConfig(lr=lr, iters=12000, eval_every=6000, device="cpu") for lr in (0.01, 0.02)]
+    ids = [sweep_run_id(c) for c in cfgs]
+    task = TrainTask(configs=[c.to_dict() for c in cfgs], run_ids=ids, results_dir=str(tmp_path), threads=1)
+    seen: list[tuple] = []
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            notes = [read_progress(tmp_path, r) for r in ids]
+            if all(notes):
+                seen.append(tuple((n["iteration"], n["iters"], n.get("train_loss")) for n in notes))
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        said = task()
+    finally:
+        done.set()
+        watcher.join()
+    assert [o["status"] for o in said] == ["completed", "completed"]
+    assert seen, "no progress note seen while the pack trained"
+    assert all(a == b and a[1] == 12000 and a[2] is None and 0 < a[0] <= 12000 for a, b in seen), seen[:3]
+    assert not list(tmp_path.glob(".*.progress*"))
+    # a note of a job killed mid-run (left behind): no claim is held, so nothing is shown
+    entry = {"config": cfgs[0].to_dict(), "executor": "local"}
+    record_submission(tmp_path, name="p", executor="local", grid={}, slurm=None, runs={ids[0]: entry})
+    progress_path(tmp_path, ids[0]).write_text(json.dumps({"iteration": 7, "iters": 30000}))
+    assert run_states(tmp_path)[0]["progress"] is None
