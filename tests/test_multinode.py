@@ -9,7 +9,7 @@ all sharing this filesystem as a cluster shares NFS). Rendezvous comes from subm
 - a 2-node run requeued mid-run (`scontrol requeue`) resumes on both nodes: its history equals the
   uninterrupted 2-node run's, bit for bit;
 - a node that dies mid-run (link cut, every process on it killed, as in a power loss): the surviving
-  rank gives up after the collective timeout (not later), SLURM marks the node DOWN (SlurmdTimeout=20)
+  rank gives up after the collective timeout (not later), SLURM marks the node DOWN (SlurmdTimeout=10, MessageTimeout=5)
   and requeues the job onto the two nodes left, and the run ends with exactly one completed result
   resumed from its last checkpoint, equal to the uninterrupted run; `status` shows the node failure;
 - `--nodes` beyond the partition, or per-node resources no node has, is refused before submission.

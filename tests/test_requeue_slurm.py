@@ -5,7 +5,7 @@ sweep (--pack 3: one job, one process, one checkpoint file for its three runs) d
 requeued or killed.
 
 The jobs run with one CPU thread (SLURM_CPUS_PER_TASK=1); the uninterrupted reference runs in this
-process with one thread too, while the cluster holds the requeued job (~11-13 s, cred_expire=10).
+process with one thread too, while the cluster holds the requeued job (~6-8 s, cred_expire=5).
 The time-limit test's job (--time-min 1) is submitted by the first test, so that its minute or so
 overlaps the others.
 """
