@@ -96,7 +96,7 @@ def test_ctrl_c_in_a_foreground_train_checkpoints_and_the_same_command_resumes_i
     from mnist_jobs.config import TrainConfig
     from mnist_jobs.train import train
 
-    args = ["--iters", "40000", "--eval-every", "20000", "--lr", "0.05", "--device", "cpu"]
+    args = ["--iters", "12000", "--eval-every", "6000", "--lr", "0.05", "--device", "cpu"]
     cmd = [sys.executable, "-m", "mnist_jobs", "train", *args, "--results-dir", str(tmp_path)]
     env = {**{k: v for k, v in os.environ.items() if k != "MNIST_JOBS_TENSORBOARD"}, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -128,7 +128,7 @@ def test_ctrl_c_in_a_foreground_train_checkpoints_and_the_same_command_resumes_i
     torch.set_num_threads(1)
     try:
         ref = train(
-            TrainConfig(iters=40000, eval_every=20000, lr=0.05, device="cpu"), results_dir=tmp_path / "ref"
+            TrainConfig(iters=12000, eval_every=6000, lr=0.05, device="cpu"), results_dir=tmp_path / "ref"
         )
     finally:
         torch.set_num_threads(before)

@@ -41,11 +41,12 @@ pytestmark = [
 ]
 runner = CliRunner()
 
-# ~6-10 s on two 1-thread ranks over the bridge (2 shared cores); checkpoints every 500 iterations
-CFG = TrainConfig(iters=4000, eval_every=1000, lr=0.05, momentum=0.9, seed=3, device="cpu")
+# ~8 s on two 1-thread ranks over the bridge (2 shared cores, ~4 ms a step); checkpoints every 250
+# iterations, the first ~1 s in
+CFG = TrainConfig(iters=2000, eval_every=500, lr=0.05, momentum=0.9, seed=3, device="cpu")
 RUN_ID = sweep_run_id(CFG)
-ARGS = ["--iters", "4000", "--eval-every", "1000", "--lr", "0.05", "--momentum", "0.9", "--seed", "3"]
-ARGS += ["--device", "cpu", "--checkpoint-every", "500"]
+ARGS = ["--iters", "2000", "--eval-every", "500", "--lr", "0.05", "--momentum", "0.9", "--seed", "3"]
+ARGS += ["--device", "cpu", "--checkpoint-every", "250"]
 TWO_NODES = ["--partition", "gpu", "--nodes", "2", "--tasks-per-node", "1"]
 
 
@@ -222,7 +223,7 @@ def test_node_failure_mid_run_is_requeued_onto_the_nodes_left_and_resumes(
         assert_two_hosts(rec)
         assert killed not in rec["distributed"]["hosts"]  # it finished on the nodes left
         ck = rec["checkpointing"]
-        assert ck["resumes"] == 1 and ck["resumed_from_iteration"] % 500 == 0, ck  # a periodic checkpoint
+        assert ck["resumes"] == 1 and ck["resumed_from_iteration"] % 250 == 0, ck  # a periodic checkpoint
         ref = uninterrupted["record"]
         assert rec["metrics"]["history"] == ref["metrics"]["history"]
         assert rec["metrics"]["test_accuracy"] == ref["metrics"]["test_accuracy"]
