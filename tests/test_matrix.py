@@ -51,7 +51,7 @@ CNN = {
 CASES = {
     "logreg-lone": ({**LOGREG, "lr": [0.05], "iters": 8000, "eval_every": 2000}, 500, 1, 1),
     "logreg-pack3": ({**LOGREG, "lr": [0.02, 0.05, 0.1], "iters": 6000, "eval_every": 2000}, 500, 3, 1),
-    "logreg-ddp2": ({**LOGREG, "lr": [0.05], "iters": 1500, "eval_every": 500}, 100, 1, 2),
+    "logreg-ddp2": ({**LOGREG, "lr": [0.05], "iters": 800, "eval_every": 400}, 100, 1, 2),
     "cnn-lone": ({**CNN, "lr": [0.05], "iters": 200, "eval_every": 100}, 20, 1, 1),
     "cnn-pack3": ({**CNN, "lr": [0.02, 0.05, 0.1], "iters": 100, "eval_every": 50}, 10, 3, 1),
     "cnn-ddp2": ({**CNN, "lr": [0.05], "iters": 200, "eval_every": 100}, 20, 1, 2),

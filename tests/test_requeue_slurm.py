@@ -33,9 +33,9 @@ from mnist_jobs.train import train, train_pack
 
 pytestmark = pytest.mark.slurm
 runner = CliRunner()
-CFG = TrainConfig(iters=40000, eval_every=5000, device="cpu")  # ~5-10 s of logreg on one thread
+CFG = TrainConfig(iters=20000, eval_every=5000, device="cpu")  # ~3-5 s of logreg on one thread
 RUN_ID = sweep_run_id(CFG)
-ARGS = ["--iters", "40000", "--eval-every", "5000", "--device", "cpu", "--checkpoint-every", "1000"]
+ARGS = ["--iters", "20000", "--eval-every", "5000", "--device", "cpu", "--checkpoint-every", "1000"]
 
 
 @pytest.fixture(scope="module")
