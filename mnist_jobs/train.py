@@ -512,8 +512,11 @@ def _run(
         check_pack_fits(cfg, n, device)
     every = records[0]["checkpointing"]["every"]
 
+    t_group = time.perf_counter()
     with process_group(dist, device) as backend:
         hosts = _gather(socket.gethostname(), dist)  # where each rank runs, in rank order
+        # DDP: the wait for every rank to start and connect (0 alone); not part of loading the data
+        rendezvous_s = time.perf_counter() - t_group
         for rec in records:
             rec["distributed"] = {
                 "world_size": dist.world_size,
@@ -538,7 +541,7 @@ def _run(
         for rec in records:
             rec["env"].update(cuda_graphs=not_graphed is None, cuda_graphs_note=not_graphed)
         synchronize(device)
-        data_load_s = time.perf_counter() - t_start
+        data_load_s = time.perf_counter() - t_start - rendezvous_s
         loop = LoopState(
             shuffle=[torch.Generator().manual_seed(c.seed) for c in configs],
             loss_sum=torch.zeros(n, device=device),
@@ -681,6 +684,7 @@ def _run(
             )
         rec["timings"] = {
             "data_load_s": round(data_load_s, 4),
+            "rendezvous_s": round(rendezvous_s, 4),
             "train_s": round(train_s, 4),
             "eval_s": round(loop.eval_s, 4),
             "checkpoint_s": round(loop.checkpoint_s, 4),

@@ -195,3 +195,39 @@ def test_cnn_two_ranks_equal_one_process_dropout_included(tmp_path):
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5 if tight else 1e-3), (a, b)
         assert a["test_loss"] == pytest.approx(b["test_loss"], rel=1e-4 if tight else 5e-3), (a, b)
         assert abs(a["test_accuracy"] - b["test_accuracy"]) <= (0.05 if tight else 0.5), (a, b)
+
+
+LATE_CFG = TrainConfig(lr=0.05, batch_size=100, iters=20, eval_every=10, device="cpu")
+
+
+def _late_rank(rank: int, port: int, results: str) -> None:
+    torch.set_num_threads(1)
+    dist = DistInfo(rank=rank, local_rank=rank, world_size=2, local_world_size=2, master_port=port)
+    try:
+        train(LATE_CFG, results_dir=results, run_id="late", dist=dist)
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+        os._exit(1)
+    os._exit(0)
+
+
+def test_a_late_rank_is_timed_as_the_rendezvous_not_as_data_loading(tmp_path):
+    """Rank 1 starts 3 s after rank 0 (a slow node, a busy login shell): rank 0's record says it waited
+    for its peer (`rendezvous_s`), and `data_load_s` does not count that wait again (the two and the
+    loop add up to no more than `total_s`); a lone run waits for nobody."""
+    ctx = mp.get_context("spawn")
+    port = free_port()
+    procs = [ctx.Process(target=_late_rank, args=(r, port, str(tmp_path / "ddp"))) for r in (0, 1)]
+    procs[0].start()
+    time.sleep(3)
+    procs[1].start()
+    for p in procs:
+        p.join(timeout=300)
+    assert [p.exitcode for p in procs] == [0, 0]
+    t = json.loads((tmp_path / "ddp" / "late.json").read_text())["timings"]
+    assert t["rendezvous_s"] >= 2.0 and t["data_load_s"] > 0, t
+    assert t["rendezvous_s"] + t["data_load_s"] + t["train_s"] <= t["total_s"] + 0.01, t
+    alone = train(LATE_CFG, results_dir=tmp_path / "one", run_id="one")["timings"]
+    assert alone["rendezvous_s"] < 0.01, alone

@@ -31,7 +31,7 @@ def test_result_schema(tmp_path):
     assert 0 <= m["test_accuracy"] <= 100 and m["test_loss"] > 0 and len(m["history"]) == 3
     assert set(m["history"][0]) == {"iteration", "epoch", "train_loss", "test_loss", "test_accuracy"}
     t = data["timings"]
-    assert {"data_load_s", "train_s", "eval_s", "total_s", "samples_per_s"} <= set(t)
+    assert {"data_load_s", "rendezvous_s", "train_s", "eval_s", "total_s", "samples_per_s"} <= set(t)
     assert t["total_s"] >= t["train_s"] > 0
     # python start to the first step (here: this test process's age when the loop began)
     assert isinstance(t["startup_s"], float) and t["startup_s"] > 0
