@@ -64,25 +64,35 @@ def test_two_processes_match_one_through_submitit_local(tmp_path):
     assert len(list((tmp_path / "ddp").glob("*/*.json"))) == 2  # result + sweep.json
 
 
-def _rank(rank: int, port: int, results: str, data_dirs: list[str | None]) -> None:
-    os.environ["MNIST_JOBS_DIST_TIMEOUT_S"] = "8"
+def _rank(rank: int, port: int, results: str, cfg: TrainConfig, run_id: str, data_dirs=(None, None)) -> None:
+    """One of two gloo ranks on one thread (an mp spawn target): trains `cfg` on its `data_dirs[rank]`,
+    and exits 0, or 1 when it raised."""
     torch.set_num_threads(1)
     dist = DistInfo(rank=rank, local_rank=rank, world_size=2, local_world_size=2, master_port=port)
-    cfg = TrainConfig(iters=50, eval_every=25, device="cpu")
     try:
-        train(cfg, results_dir=results, run_id="crash", data_dir=data_dirs[rank], dist=dist)
+        train(cfg, results_dir=results, run_id=run_id, data_dir=data_dirs[rank], dist=dist)
     except BaseException:
+        import traceback
+
+        traceback.print_exc()
         os._exit(1)
     os._exit(0)
 
 
-def test_a_crashing_rank_fails_the_job_with_its_error(tmp_path, data_copy):
+CRASH_CFG = TrainConfig(iters=50, eval_every=25, device="cpu")
+
+
+def test_a_crashing_rank_fails_the_job_with_its_error(tmp_path, data_copy, monkeypatch):
     """Rank 1 reads a corrupt copy of the data and dies; rank 0 must not hang, and its failed record
     names rank 1's error."""
     (data_copy / "MNIST" / "raw" / "train-labels-idx1-ubyte.gz").write_bytes(b"corrupt")
+    monkeypatch.setenv("MNIST_JOBS_DIST_TIMEOUT_S", "8")  # (the ranks inherit it)
     ctx = mp.get_context("spawn")
     port = free_port()
-    procs = [ctx.Process(target=_rank, args=(r, port, str(tmp_path), [None, str(data_copy)])) for r in (0, 1)]
+    procs = [
+        ctx.Process(target=_rank, args=(r, port, str(tmp_path), CRASH_CFG, "crash", [None, str(data_copy)]))
+        for r in (0, 1)
+    ]
     t0 = time.monotonic()
     for p in procs:
         p.start()
@@ -152,19 +162,6 @@ CNN_CFG = TrainConfig(  # under a schedule, on deskewed normalised images: every
 )  # fmt: skip
 
 
-def _cnn_rank(rank: int, port: int, results: str) -> None:
-    torch.set_num_threads(1)
-    dist = DistInfo(rank=rank, local_rank=rank, world_size=2, local_world_size=2, master_port=port)
-    try:
-        train(CNN_CFG, results_dir=results, run_id="ddp", dist=dist)
-    except BaseException:
-        import traceback
-
-        traceback.print_exc()
-        os._exit(1)
-    os._exit(0)
-
-
 def test_cnn_two_ranks_equal_one_process_dropout_included(tmp_path):
     """Each rank applies its shard's rows of the global batch's dropout noise, drawn from the shared
     stream: the 2-rank CNN run is the 1-process run up to float summation order. (Before: each rank drew
@@ -172,7 +169,7 @@ def test_cnn_two_ranks_equal_one_process_dropout_included(tmp_path):
     samples, and the run drifted off the 1-process one within the first evaluation.)"""
     ctx = mp.get_context("spawn")
     port = free_port()
-    procs = [ctx.Process(target=_cnn_rank, args=(r, port, str(tmp_path / "ddp"))) for r in (0, 1)]
+    procs = [ctx.Process(target=_rank, args=(r, port, str(tmp_path / "ddp"), CNN_CFG, "ddp")) for r in (0, 1)]
     for p in procs:
         p.start()
     for p in procs:
@@ -200,26 +197,15 @@ def test_cnn_two_ranks_equal_one_process_dropout_included(tmp_path):
 LATE_CFG = TrainConfig(lr=0.05, batch_size=100, iters=20, eval_every=10, device="cpu")
 
 
-def _late_rank(rank: int, port: int, results: str) -> None:
-    torch.set_num_threads(1)
-    dist = DistInfo(rank=rank, local_rank=rank, world_size=2, local_world_size=2, master_port=port)
-    try:
-        train(LATE_CFG, results_dir=results, run_id="late", dist=dist)
-    except BaseException:
-        import traceback
-
-        traceback.print_exc()
-        os._exit(1)
-    os._exit(0)
-
-
 def test_a_late_rank_is_timed_as_the_rendezvous_not_as_data_loading(tmp_path):
     """Rank 1 starts 3 s after rank 0 (a slow node, a busy login shell): rank 0's record says it waited
     for its peer (`rendezvous_s`), and `data_load_s` does not count that wait again (the two and the
     loop add up to no more than `total_s`); a lone run waits for nobody."""
     ctx = mp.get_context("spawn")
     port = free_port()
-    procs = [ctx.Process(target=_late_rank, args=(r, port, str(tmp_path / "ddp"))) for r in (0, 1)]
+    procs = [
+        ctx.Process(target=_rank, args=(r, port, str(tmp_path / "ddp"), LATE_CFG, "late")) for r in (0, 1)
+    ]
     procs[0].start()
     time.sleep(3)
     procs[1].start()
